@@ -1,0 +1,63 @@
+"""Every config key, declared once with its default. Other configs override.
+
+Run: python -m mlm_jax.main --config=configs/base.py --workdir=/tmp/run
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # root of every random key (init, masks, dropout, data order)
+  c.num_steps = 10_000            # optimizer updates in the whole run
+  c.batch_size = 256              # global batch (rows), split over devices and hosts
+  c.seq_len = 128                 # tokens per packed row
+
+  c.learning_rate = 1e-3          # peak learning rate
+  c.warmup_steps = 1_000          # linear warmup steps, then linear decay to 0
+  c.weight_decay = 0.01           # AdamW decay (not on LayerNorm or biases)
+  c.adam_b1 = 0.9                 # AdamW beta1
+  c.adam_b2 = 0.98                # AdamW beta2
+  c.adam_eps = 1e-6               # AdamW epsilon
+  c.grad_clip_norm = 1.0          # global gradient-norm clip
+
+  c.log_every = 100               # steps between train metric reports
+  c.eval_every = 1_000            # steps between evals (and at the end)
+  c.eval_batches = 0              # eval batches per eval; 0 = the whole held-out split
+  c.checkpoint_every = 1_000      # steps between checkpoints (and at the end)
+  c.keep_checkpoints = 3          # newest checkpoints kept on disk
+  c.async_checkpointing = True    # write checkpoints in the background
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up by device kind (none on CPU)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'base'           # preset: tiny, mini, small, medium, base, large
+  c.model.num_layers = 0          # 0 = from the size preset
+  c.model.hidden_dim = 0          # 0 = from the size preset
+  c.model.num_heads = 0           # 0 = from the size preset
+  c.model.mlp_dim = 0             # 0 = from the size preset
+  c.model.max_len = 512           # learned position embeddings (>= seq_len)
+  c.model.type_vocab_size = 2     # token-type embeddings (BERT's segment A/B)
+  c.model.dropout_rate = 0.1      # hidden dropout
+  c.model.attention_dropout_rate = 0.1  # dropout on attention probabilities
+  c.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (BERT's value)
+  c.model.initializer_range = 0.02  # std of the normal initializer
+  c.model.pre_ln = False          # False: BERT's post-LN; True: pre-LN + final LN
+  c.model.dtype = 'float32'       # compute dtype (bfloat16 on TPU/GPU)
+  c.model.param_dtype = 'float32' # parameter storage dtype
+
+  c.mask = ml_collections.ConfigDict()
+  c.mask.rate = 0.15              # fraction of maskable tokens predicted per row
+  c.mask.mask_prob = 0.8          # of those: replaced by [MASK]
+  c.mask.random_prob = 0.1        # of those: replaced by a random non-special token
+  c.mask.max_predictions = 0      # static predictions per row; 0 = round(rate * seq_len)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'demo'          # 'demo', a pages-articles*.xml.bz2 dump, or text files/globs (comma-separated)
+  c.data.data_dir = ''            # tokenizer + dataset cache; '' = $MLM_JAX_DATA_DIR or ~/.cache/mlm_jax
+  c.data.tokenizer = ''           # an existing SentencePiece .model; '' = train one from the source
+  c.data.vocab_size = 8192        # vocabulary size when training a tokenizer
+  c.data.eval_fraction = 0.05     # fraction of documents held out for eval
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # data-parallel devices; -1 = all
+  return c

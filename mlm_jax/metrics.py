@@ -1,0 +1,82 @@
+"""Metric writers (JSON lines + TensorBoard), throughput and MFU.
+
+Metrics travel as (sum, weight) pairs and are divided here, when reported,
+so averages stay exact across devices, steps and hosts.
+"""
+import json
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+import tensorboardX
+
+# Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`.
+PEAK_FLOPS = (
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),
+    ('TPU v6', 918e12),
+    ('H200', 989e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+)
+
+
+def peak_flops_per_device(override_tflops: float) -> Optional[float]:
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS:
+    if name in kind:
+      return flops
+  return None  # unknown (e.g. CPU): MFU is not reported
+
+
+def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
+  """FLOPs of one training step (forward + backward = 3x forward).
+
+  Counts matmuls on real (non-pad) tokens, bidirectional attention in full
+  (every query against all seq_len keys), and the MLM head at every executed
+  prediction slot (the sparse head runs on max_predictions slots per row).
+  """
+  d, f = cfg.hidden_dim, cfg.mlp_dim
+  per_token = cfg.num_layers * (2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d)
+  per_prediction = 2 * (d * d + d * cfg.vocab_size)
+  return 3.0 * (real_tokens * per_token + predictions * per_prediction)
+
+
+def summarize(sums: dict, prefix: str) -> dict:
+  """{name: [sum, weight]} -> {prefix/name: sum / weight}."""
+  out = {}
+  for name, value in sums.items():
+    total, weight = np.asarray(value, np.float64)
+    out[f'{prefix}/{name}'] = float(total / weight) if weight else float('nan')
+  return out
+
+
+class Writer:
+  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict):
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()

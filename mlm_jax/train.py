@@ -1,0 +1,315 @@
+"""Training and evaluation: the pure steps, and the loop that drives them."""
+import functools
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlm_jax import checkpoint
+from mlm_jax import data
+from mlm_jax import masking
+from mlm_jax import metrics as metrics_lib
+from mlm_jax import model
+from mlm_jax import optimizer
+from mlm_jax import sharding
+from mlm_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array      # int32 scalar
+  params: Any          # nnx.State of the model's Params
+  opt_state: Any
+  rng: jax.Array       # raw key data (uint32), so Orbax can save it
+
+
+@flax.struct.dataclass
+class MaskSpec:
+  """Everything `masking.mask_tokens` needs besides the key and the ids."""
+  special_ids: tuple = flax.struct.field(pytree_node=False)
+  mask_id: int = flax.struct.field(pytree_node=False)
+  vocab_size: int = flax.struct.field(pytree_node=False)
+  rate: float = flax.struct.field(pytree_node=False)
+  mask_prob: float = flax.struct.field(pytree_node=False)
+  random_prob: float = flax.struct.field(pytree_node=False)
+  max_predictions: int = flax.struct.field(pytree_node=False)
+
+  def __call__(self, key, ids_BxL):
+    return masking.mask_tokens(
+        key, ids_BxL, special_ids=self.special_ids, mask_id=self.mask_id,
+        vocab_size=self.vocab_size, rate=self.rate, mask_prob=self.mask_prob,
+        random_prob=self.random_prob, max_predictions=self.max_predictions)
+
+
+def _summed(values, weights):
+  """A metric as (sum, weight), divided only when reported."""
+  return jnp.stack([jnp.sum(values * weights), jnp.sum(weights)])
+
+
+def mlm_metrics(logits_BxKxV, masked: masking.Masked, loss_BxK,
+                baseline_id=None):
+  weights_BxK = masked.weights_BxK
+  correct_BxK = (jnp.argmax(logits_BxKxV, -1) == masked.targets_BxK)
+  correct_BxK = correct_BxK.astype(jnp.float32)
+  at_mask_BxK = weights_BxK * (masked.kinds_BxK == masking.REPLACED_MASK)
+  metrics = {
+      'loss': _summed(loss_BxK, weights_BxK),
+      'accuracy': _summed(correct_BxK, weights_BxK),
+      'mask_accuracy': _summed(correct_BxK, at_mask_BxK),
+  }
+  if baseline_id is not None:
+    hit_BxK = (masked.targets_BxK == baseline_id).astype(jnp.float32)
+    metrics['baseline_accuracy'] = _summed(hit_BxK, at_mask_BxK)
+  return metrics
+
+
+def _forward(params, graphdef, masked, segment_ids_BxL, dropout_key):
+  model = nnx.merge(graphdef, params)
+  if dropout_key is None:
+    logits_BxKxV = model(masked.inputs_BxL, segment_ids_BxL,
+                         masked.positions_BxK, deterministic=True)
+  else:
+    logits_BxKxV = model(masked.inputs_BxL, segment_ids_BxL,
+                         masked.positions_BxK, deterministic=False,
+                         rngs=nnx.Rngs(dropout=dropout_key))
+  loss_BxK = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxKxV, masked.targets_BxK)
+  return logits_BxKxV, loss_BxK
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, mask_spec: MaskSpec):
+  """One optimizer update on a global batch; returns (state, metrics)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  mask_key, dropout_key = jax.random.split(key)
+  masked = mask_spec(mask_key, batch['input_ids'])
+
+  def loss_fn(params):
+    logits_BxKxV, loss_BxK = _forward(params, graphdef, masked,
+                                      batch['segment_ids'], dropout_key)
+    weight = jnp.maximum(masked.weights_BxK.sum(), 1.0)
+    return jnp.sum(loss_BxK * masked.weights_BxK) / weight, (logits_BxKxV,
+                                                             loss_BxK)
+
+  grads, (logits_BxKxV, loss_BxK) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = mlm_metrics(logits_BxKxV, masked, loss_BxK)
+  metrics['grad_norm'] = jnp.stack([optax.global_norm(grads), 1.0])
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch, key, *, graphdef, mask_spec: MaskSpec,
+              baseline_id):
+  """Metrics on one eval batch with a fixed masking key (no dropout)."""
+  masked = mask_spec(key, batch['input_ids'])
+  logits_BxKxV, loss_BxK = _forward(params, graphdef, masked,
+                                    batch['segment_ids'], None)
+  return mlm_metrics(logits_BxKxV, masked, loss_BxK, baseline_id)
+
+
+def mask_spec(config, tokenizer) -> MaskSpec:
+  max_predictions = (config.mask.max_predictions or
+                     masking.static_max_predictions(config.seq_len,
+                                                    config.mask.rate))
+  return MaskSpec(
+      special_ids=tuple(tokenizer.special_ids), mask_id=tokenizer.mask_id,
+      vocab_size=tokenizer.vocab_size, rate=config.mask.rate,
+      mask_prob=config.mask.mask_prob, random_prob=config.mask.random_prob,
+      max_predictions=max_predictions)
+
+
+def validate_config(config):
+  """Cheap checks that fail before any data preparation or compilation."""
+  if config.seq_len > config.model.max_len:
+    raise ValueError(
+        f'seq_len={config.seq_len} exceeds model.max_len='
+        f'{config.model.max_len} position embeddings; lower --config.seq_len '
+        f'or raise --config.model.max_len.')
+  if not 0.0 < config.mask.rate < 1.0:
+    raise ValueError(f'mask.rate={config.mask.rate} must be in (0, 1).')
+  if config.mask.mask_prob + config.mask.random_prob > 1.0:
+    raise ValueError('mask.mask_prob + mask.random_prob must be <= 1, got '
+                     f'{config.mask.mask_prob} + {config.mask.random_prob}.')
+  needed = masking.static_max_predictions(config.seq_len, config.mask.rate)
+  if config.mask.max_predictions and config.mask.max_predictions < needed:
+    raise ValueError(
+        f'mask.max_predictions={config.mask.max_predictions} is below '
+        f'round(rate * seq_len)={needed}, so rows would be truncated; set it '
+        f'to 0 (automatic) or >= {needed}.')
+  for key in ('num_steps', 'batch_size', 'log_every', 'eval_every',
+              'checkpoint_every'):
+    if config[key] <= 0:
+      raise ValueError(f'{key}={config[key]} must be positive.')
+  model.model_config(config, vocab_size=1)  # size preset and head count
+
+
+def most_frequent_token(source, special_ids, max_rows: int = 4096) -> int:
+  """The most frequent non-special token in (a spread sample of) the source."""
+  idx = np.linspace(0, len(source) - 1, min(len(source), max_rows)).astype(int)
+  ids = np.concatenate([np.asarray(source[int(i)]['input_ids']) for i in idx])
+  counts = np.bincount(ids.ravel())
+  counts[[s for s in special_ids if s < len(counts)]] = 0
+  return int(np.argmax(counts))
+
+
+def init_state(mcfg, config, tx, mesh):
+  """(graphdef, sharded state, state shardings), built without a host copy."""
+  params_key, train_key = jax.random.split(jax.random.key(config.seed))
+
+  def init():
+    graphdef, params = nnx.split(model.create(mcfg, params_key), nnx.Param)
+    del graphdef
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(train_key))
+
+  abstract_model = nnx.eval_shape(lambda: model.create(mcfg, params_key))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  params_sharding = sharding.param_shardings(
+      mesh, nnx.get_partition_spec(abstract_params))
+  abstract_state = jax.eval_shape(init)
+  # Optimizer state is replicated under the data-only mesh.
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                abstract_state)
+  state_sharding = state_sharding.replace(params=params_sharding)
+  state = jax.jit(init, out_shardings=state_sharding)()
+  return graphdef, state, state_sharding
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains (resuming from WORKDIR if it holds a checkpoint) and evaluates."""
+  validate_config(config)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  prepared = data.prepare(config.data, config.seq_len)
+  tokenizer = prepared.tokenizer
+  mcfg = model.model_config(config, tokenizer.vocab_size)
+  tx = optimizer.create(config)
+  spec = mask_spec(config, tokenizer)
+  baseline_id = most_frequent_token(prepared.train_source, spec.special_ids)
+  logging.info('Data: %s; most frequent token %r (id %d).', prepared.info,
+               tokenizer.id_to_piece(baseline_id), baseline_id)
+
+  graphdef, state, state_sharding = init_state(mcfg, config, tx, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model %s: %.2fM parameters.', mcfg, num_params / 1e6)
+
+  train_iter = pipeline.train_iterator(
+      prepared.train_source, config.batch_size, config.seed,
+      jax.process_index(), jax.process_count())
+  ckpt = checkpoint.manager(workdir, config.keep_checkpoints,
+                            config.async_checkpointing)
+  restored = checkpoint.restore_latest(ckpt, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, state_sharding))
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+  start_step = int(state.step)
+  if start_step >= config.num_steps:
+    logging.info('Nothing to do: the checkpoint is at step %d >= num_steps=%d.',
+                 start_step, config.num_steps)
+    checkpoint.finish(ckpt)
+    return state
+
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  p_train_step = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, mask_spec=spec),
+      in_shardings=(state_sharding, batch_sh),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, graphdef=graphdef, mask_spec=spec,
+                        baseline_id=baseline_id),
+      in_shardings=(state_sharding.params, batch_sh, None),
+      out_shardings=replicated)
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
+
+  def evaluate(params):
+    sums = None
+    batches = pipeline.eval_batches(prepared.eval_source, config.batch_size,
+                                    jax.process_index(), jax.process_count())
+    for i, local in enumerate(batches):
+      if config.eval_batches and i >= config.eval_batches:
+        break
+      m = p_eval_step(params, sharding.global_batch(local, mesh),
+                      jax.random.fold_in(eval_key, i))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    return metrics_lib.summarize(jax.device_get(sums), 'eval')
+
+  writer = metrics_lib.Writer(workdir)
+  lr_fn = optimizer.learning_rate_schedule(config)
+  peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device)
+  logging.info('Training steps %d..%d, global batch %d x %d on %d devices.',
+               start_step, config.num_steps, config.batch_size, config.seq_len,
+               jax.device_count())
+
+  sums, real_tokens, window_start = None, 0, time.time()
+  run_start, run_start_step = time.time(), start_step
+  pending = None  # (step, sums, tokens, seconds): fetched one step late
+
+  def report(step, sums, tokens, seconds):
+    scalars = metrics_lib.summarize(jax.device_get(sums), 'train')
+    if not np.isfinite(scalars['train/loss']):
+      raise FloatingPointError(
+          f'Non-finite train loss {scalars["train/loss"]} at step {step}; '
+          f'the last checkpoint is kept in {workdir}/checkpoints. Lower the '
+          'learning rate or raise warmup_steps.')
+    predictions = spec.max_predictions * config.batch_size * config.log_every
+    flops = metrics_lib.train_flops(mcfg, config.seq_len, tokens, predictions)
+    scalars['train/learning_rate'] = float(lr_fn(step - 1))
+    scalars['train/tokens_per_second'] = tokens / seconds
+    if peak:
+      scalars['train/mfu'] = flops / seconds / (peak * jax.device_count())
+    writer.write(step, scalars)
+    done = (time.time() - run_start) / max(step - run_start_step, 1)
+    logging.info('step %d/%d  loss %.4f  acc %.4f  %.0f tok/s  ETA %s', step,
+                 config.num_steps, scalars['train/loss'],
+                 scalars['train/accuracy'], tokens / seconds,
+                 _format_eta(done * (config.num_steps - step)))
+
+  for step in range(start_step + 1, config.num_steps + 1):
+    local = next(train_iter)
+    real_tokens += int(np.count_nonzero(local['segment_ids']))
+    state, m = p_train_step(state, sharding.global_batch(local, mesh))
+    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    if pending is not None:
+      report(*pending)
+      pending = None
+    if step % config.log_every == 0 or step == config.num_steps:
+      # Tokens of this process, scaled to the global batch.
+      tokens = real_tokens * jax.process_count()
+      pending = (step, sums, tokens, time.time() - window_start)
+      sums, real_tokens, window_start = None, 0, time.time()
+    if step % config.eval_every == 0 or step == config.num_steps:
+      if pending is not None:
+        report(*pending)
+        pending = None
+      scalars = evaluate(state.params)
+      writer.write(step, scalars)
+      logging.info('eval at step %d: %s', step,
+                   ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
+      window_start = time.time()
+    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      checkpoint.save(ckpt, step, state, train_iter.get_state())
+  if pending is not None:
+    report(*pending)
+  checkpoint.finish(ckpt)
+  writer.close()
+  logging.info('Done: %d steps in %s.', config.num_steps - start_step,
+               _format_eta(time.time() - run_start))
+  return state

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='mlm_jax',
+    version='0.1.0',
+    description='BERT-style masked language model pretraining in JAX/Flax.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['mlm_jax', 'mlm_jax.*', 'configs']),
+    install_requires=[
+        'absl-py',
+        'array_record',
+        'flax>=0.12',
+        'gensim>=4.3',  # ships the Wikipedia excerpt used as the demo corpus
+        'grain>=0.2.12',
+        'importlib_resources',  # tensorflow-datasets needs it without TF
+        'jax>=0.6',
+        'ml-collections',
+        'mwparserfromhell>=0.6',
+        'numpy',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'sentencepiece',
+        'tensorboardX',
+        'tensorflow-datasets>=4.9.7',
+    ],
+    extras_require={'test': ['pytest']},
+)

@@ -1,0 +1,7 @@
+"""Tests run on CPU with 8 fake devices; set before jax is imported."""
+import os
+
+os.environ['XLA_FLAGS'] = ' '.join(
+    [os.environ.get('XLA_FLAGS', ''),
+     '--xla_force_host_platform_device_count=8']).strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
