@@ -1,0 +1,88 @@
+"""Data: from a text source to packed, tokenized rows ready for the loader.
+
+The trainer calls `prepare` once, then reads batches through
+`pipeline.train_iterator` / `pipeline.eval_batches` over the returned sources.
+Everything slow (wikitext parsing, tokenizer training, packing) is cached under
+the data dir, keyed by what it depends on, and written under a temporary name
+then renamed, so a crash or a concurrent process never leaves a half-written
+file that a later run would trust.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+import os
+from typing import Any, TYPE_CHECKING
+
+from absl import logging
+import ml_collections
+
+if TYPE_CHECKING:
+  from mlm_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  tokenizer: 'tokenizer_lib.Tokenizer'
+  train_source: Sequence[dict[str, Any]]  # random access to packed rows
+  eval_source: Sequence[dict[str, Any]]
+  info: dict[str, Any]  # data dir, vocab size, per-split counts
+
+
+def data_dir(data_config: ml_collections.ConfigDict) -> str:
+  root = (data_config.data_dir or os.environ.get('MLM_JAX_DATA_DIR')
+          or '~/.cache/mlm_jax')
+  return os.path.abspath(os.path.expanduser(root))
+
+
+def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
+  """Loads or makes the tokenizer and the packed dataset of `data_config`."""
+  # Imported here, not at the top, so that `python -m mlm_jax.data.tokenizer`
+  # does not import its own module twice (runpy warns about it).
+  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+  from mlm_jax.data import builder
+  from mlm_jax.data import sources
+  from mlm_jax.data import tokenizer as tokenizer_lib
+  # pylint: enable=g-import-not-at-top
+  # Cheap checks first: a bad setting fails before minutes of parsing.
+  if not 0 <= data_config.eval_fraction < 1:
+    raise ValueError(f'data.eval_fraction must be in [0, 1), got '
+                     f'{data_config.eval_fraction}.')
+  root = data_dir(data_config)
+  fingerprint = sources.fingerprint(data_config.source)
+  documents = functools.partial(sources.documents, data_config.source,
+                                cache_dir=os.path.join(root, 'text'))
+  if data_config.tokenizer:
+    tok = tokenizer_lib.load(data_config.tokenizer)
+  else:
+    path = os.path.join(
+        root, 'tokenizers', f'sp-{fingerprint}-{data_config.vocab_size}.model')
+    if os.path.exists(path):
+      tok = tokenizer_lib.load(path)
+    else:
+      logging.info('Training a tokenizer on %s', data_config.source)
+      tok = tokenizer_lib.train(documents(), data_config.vocab_size, path)
+
+  make_builder = functools.partial(
+      builder.PackedMLM, data_dir=root, documents=documents,
+      source_fingerprint=fingerprint, tokenizer=tok, seq_len=seq_len,
+      eval_fraction=data_config.eval_fraction)
+  rows = make_builder()
+  tfds.disable_progress_bar()  # Progress bars garble logs.
+  try:
+    rows.download_and_prepare()
+  except OSError:
+    # Two processes built at once and the other renamed its copy first.
+    if not rows.data_path.exists():
+      raise
+    logging.info('Another process built %s first; reusing it.', rows.data_path)
+    rows = make_builder()
+
+  info = dict(data_dir=str(rows.data_dir), vocab_size=tok.vocab_size,
+              seq_len=seq_len)
+  info.update({split: dict(rows.info.metadata[split])
+               for split in ('train', 'validation')})
+  logging.info('Data ready: %s', info)
+  return Prepared(tokenizer=tok, train_source=rows.as_data_source('train'),
+                  eval_source=rows.as_data_source('validation'), info=info)
