@@ -10,6 +10,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0                      # root of every random key (init, masks, dropout, data order)
   c.num_steps = 10_000            # optimizer updates in the whole run
+  c.steps_per_run = 0             # stop (checkpointed) after this many steps; 0 = run to num_steps
   c.batch_size = 256              # global batch (rows), split over devices and hosts
   c.seq_len = 128                 # tokens per packed row
 
@@ -42,6 +43,7 @@ def get_config(arg=None):
   c.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (BERT's value)
   c.model.initializer_range = 0.02  # std of the normal initializer
   c.model.pre_ln = False          # False: BERT's post-LN; True: pre-LN + final LN
+  c.model.position = 'learned'    # 'learned' absolute (BERT) or 'rope' (rotary)
   c.model.dtype = 'float32'       # compute dtype (bfloat16 on TPU/GPU)
   c.model.param_dtype = 'float32' # parameter storage dtype
 

@@ -2,6 +2,8 @@
 
 A workdir that already holds a checkpoint resumes from it.
 """
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -17,9 +19,16 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every step of every save at INFO; keep its warnings only."""
+  return (record.levelno >= std_logging.WARNING or
+          '/orbax/' not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

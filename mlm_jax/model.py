@@ -46,6 +46,8 @@ class ModelConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   pre_ln: bool = False
+  position: str = 'learned'     # 'learned' (BERT) or 'rope' (rotary, in attention)
+  rope_base: float = 10_000.0
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # storage dtype
 
@@ -70,9 +72,13 @@ def model_config(config, vocab_size: int) -> ModelConfig:
       layer_norm_eps=c.layer_norm_eps,
       initializer_range=c.initializer_range,
       pre_ln=c.pre_ln,
+      position=c.position,
       dtype=c.dtype,
       param_dtype=c.param_dtype,
   )
+  if cfg.position not in ('learned', 'rope'):
+    raise ValueError(f"model.position={cfg.position!r} must be 'learned' or "
+                     "'rope'.")
   if cfg.hidden_dim % cfg.num_heads:
     raise ValueError(f'model hidden_dim={cfg.hidden_dim} is not divisible by '
                      f'num_heads={cfg.num_heads}.')
@@ -112,6 +118,18 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
   return idx_BxL - start_BxL
 
 
+def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float):
+  """Rotary position embedding: rotates pairs of features by position."""
+  half = x_BxLxHxDh.shape[-1] // 2
+  freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xF = (positions_BxL.astype(jnp.float32)[..., None] *
+                   freq_F)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
+  x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxDh.dtype)
+
+
 class Embeddings(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -120,15 +138,17 @@ class Embeddings(nnx.Module):
                        param_dtype=cfg.param_dtype,
                        embedding_init=_init(cfg, names), rngs=rngs)
     self.word = embed(cfg.vocab_size, ('vocab', 'embed'))
-    self.position = embed(cfg.max_len, (None, 'embed'))
+    self.position = (embed(cfg.max_len, (None, 'embed'))
+                     if cfg.position == 'learned' else None)
     self.token_type = embed(cfg.type_vocab_size, (None, 'embed'))
     self.norm = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def __call__(self, ids_BxL, positions_BxL, token_types_BxL, *, deterministic,
                rngs):
-    x_BxLxD = (self.word(ids_BxL) + self.position(positions_BxL) +
-               self.token_type(token_types_BxL))
+    x_BxLxD = self.word(ids_BxL) + self.token_type(token_types_BxL)
+    if self.position is not None:
+      x_BxLxD = x_BxLxD + self.position(positions_BxL)
     return self.dropout(self.norm(x_BxLxD), deterministic=deterministic,
                         rngs=rngs)
 
@@ -138,18 +158,23 @@ class SelfAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d = cfg.hidden_dim
     self.num_heads = cfg.num_heads
+    self.rope_base = cfg.rope_base if cfg.position == 'rope' else None
     self.query = _dense(cfg, d, d, ('embed', 'heads'), rngs)
     self.key = _dense(cfg, d, d, ('embed', 'heads'), rngs)
     self.value = _dense(cfg, d, d, ('embed', 'heads'), rngs)
     self.out = _dense(cfg, d, d, ('heads', 'embed'), rngs)
     self.dropout = nnx.Dropout(cfg.attention_dropout_rate)
 
-  def __call__(self, x_BxLxD, allowed_BxLxL, *, deterministic, rngs):
+  def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
+               rngs):
     b, l, d = x_BxLxD.shape
     h = self.num_heads
     split = lambda t: t.reshape(b, l, h, d // h)
     q_BxLxHxDh = split(self.query(x_BxLxD))
     k_BxLxHxDh = split(self.key(x_BxLxD))
+    if self.rope_base is not None:
+      q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.rope_base)
+      k_BxLxHxDh = rope(k_BxLxHxDh, positions_BxL, self.rope_base)
     v_BxLxHxDh = split(self.value(x_BxLxD))
     scores_BxHxLxL = jnp.einsum('bqhd,bkhd->bhqk', q_BxLxHxDh, k_BxLxHxDh)
     scores_BxHxLxL = scores_BxHxLxL.astype(jnp.float32) / jnp.sqrt(d // h)
@@ -179,9 +204,10 @@ class Block(nnx.Module):
   def _mlp(self, x_BxLxD):
     return self.mlp_out(jax.nn.gelu(self.mlp_in(x_BxLxD), approximate=False))
 
-  def __call__(self, x_BxLxD, allowed_BxLxL, *, deterministic, rngs):
+  def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
+               rngs):
     drop = lambda t: self.dropout(t, deterministic=deterministic, rngs=rngs)
-    attend = lambda t: self.attention(t, allowed_BxLxL,
+    attend = lambda t: self.attention(t, allowed_BxLxL, positions_BxL,
                                       deterministic=deterministic, rngs=rngs)
     if self.pre_ln:
       x_BxLxD = x_BxLxD + drop(attend(self.attention_norm(x_BxLxD)))
@@ -208,8 +234,8 @@ class Encoder(nnx.Module):
     x_BxLxD = self.embeddings(ids_BxL, positions_BxL, token_types_BxL,
                               deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, allowed_BxLxL, deterministic=deterministic,
-                      rngs=rngs)
+      x_BxLxD = block(x_BxLxD, allowed_BxLxL, positions_BxL,
+                      deterministic=deterministic, rngs=rngs)
     if self.final_norm is not None:
       x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD

@@ -145,6 +145,8 @@ def validate_config(config):
         f'mask.max_predictions={config.mask.max_predictions} is below '
         f'round(rate * seq_len)={needed}, so rows would be truncated; set it '
         f'to 0 (automatic) or >= {needed}.')
+  if config.steps_per_run < 0:
+    raise ValueError(f'steps_per_run={config.steps_per_run} must be >= 0.')
   for key in ('num_steps', 'batch_size', 'log_every', 'eval_every',
               'checkpoint_every'):
     if config[key] <= 0:
@@ -201,7 +203,7 @@ def train_and_evaluate(config, workdir: str):
   tx = optimizer.create(config)
   spec = mask_spec(config, tokenizer)
   baseline_id = most_frequent_token(prepared.train_source, spec.special_ids)
-  logging.info('Data: %s; most frequent token %r (id %d).', prepared.info,
+  logging.info('Most frequent training token: %r (id %d), the eval baseline.',
                tokenizer.id_to_piece(baseline_id), baseline_id)
 
   graphdef, state, state_sharding = init_state(mcfg, config, tx, mesh)
@@ -258,43 +260,54 @@ def train_and_evaluate(config, workdir: str):
                start_step, config.num_steps, config.batch_size, config.seq_len,
                jax.device_count())
 
-  sums, real_tokens, window_start = None, 0, time.time()
+  sums, real_tokens, window_steps = None, 0, 0
   run_start, run_start_step = time.time(), start_step
-  pending = None  # (step, sums, tokens, seconds): fetched one step late
+  pending = None  # (step, sums, tokens, steps) of a window, fetched late
+  last_fetch = time.time()  # when the previous window's metrics were ready
 
-  def report(step, sums, tokens, seconds):
+  def report(step, sums, tokens, steps):
+    nonlocal last_fetch
     scalars = metrics_lib.summarize(jax.device_get(sums), 'train')
+    # The fetch waited for the window's last step: time windows fetch to fetch.
+    seconds, last_fetch = time.time() - last_fetch, time.time()
     if not np.isfinite(scalars['train/loss']):
       raise FloatingPointError(
           f'Non-finite train loss {scalars["train/loss"]} at step {step}; '
           f'the last checkpoint is kept in {workdir}/checkpoints. Lower the '
           'learning rate or raise warmup_steps.')
-    predictions = spec.max_predictions * config.batch_size * config.log_every
+    predictions = spec.max_predictions * config.batch_size * steps
     flops = metrics_lib.train_flops(mcfg, config.seq_len, tokens, predictions)
     scalars['train/learning_rate'] = float(lr_fn(step - 1))
     scalars['train/tokens_per_second'] = tokens / seconds
     if peak:
       scalars['train/mfu'] = flops / seconds / (peak * jax.device_count())
     writer.write(step, scalars)
-    done = (time.time() - run_start) / max(step - run_start_step, 1)
+    per_step = (time.time() - run_start) / max(step - run_start_step, 1)
     logging.info('step %d/%d  loss %.4f  acc %.4f  %.0f tok/s  ETA %s', step,
                  config.num_steps, scalars['train/loss'],
                  scalars['train/accuracy'], tokens / seconds,
-                 _format_eta(done * (config.num_steps - step)))
+                 _format_eta(per_step * (last_step - step)))
 
-  for step in range(start_step + 1, config.num_steps + 1):
+  last_step = config.num_steps
+  if config.steps_per_run:
+    last_step = min(last_step, start_step + config.steps_per_run)
+  for step in range(start_step + 1, last_step + 1):
     local = next(train_iter)
     real_tokens += int(np.count_nonzero(local['segment_ids']))
+    window_steps += 1
     state, m = p_train_step(state, sharding.global_batch(local, mesh))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    if step == start_step + 1:
+      # Keep compilation out of the first window's throughput.
+      jax.block_until_ready(m)
+      real_tokens, window_steps, last_fetch = 0, 0, time.time()
     if pending is not None:
       report(*pending)
       pending = None
-    if step % config.log_every == 0 or step == config.num_steps:
-      # Tokens of this process, scaled to the global batch.
-      tokens = real_tokens * jax.process_count()
-      pending = (step, sums, tokens, time.time() - window_start)
-      sums, real_tokens, window_start = None, 0, time.time()
+    if step % config.log_every == 0 or step == last_step:
+      # This process's real tokens, scaled to the global batch.
+      pending = (step, sums, real_tokens * jax.process_count(), window_steps)
+      sums, real_tokens, window_steps = None, 0, 0
     if step % config.eval_every == 0 or step == config.num_steps:
       if pending is not None:
         report(*pending)
@@ -303,13 +316,16 @@ def train_and_evaluate(config, workdir: str):
       writer.write(step, scalars)
       logging.info('eval at step %d: %s', step,
                    ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
-      window_start = time.time()
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      last_fetch = time.time()
+    if (step % config.checkpoint_every == 0 or step == config.num_steps or
+        step == last_step):
       checkpoint.save(ckpt, step, state, train_iter.get_state())
   if pending is not None:
     report(*pending)
   checkpoint.finish(ckpt)
   writer.close()
-  logging.info('Done: %d steps in %s.', config.num_steps - start_step,
-               _format_eta(time.time() - run_start))
+  logging.info('Stopped at step %d/%d after %s%s.', last_step,
+               config.num_steps, _format_eta(time.time() - run_start),
+               '' if last_step == config.num_steps else
+               ' (steps_per_run reached; run again to continue)')
   return state
