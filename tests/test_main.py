@@ -1,0 +1,128 @@
+"""End-to-end: the real entry point, resume, and sharding over 8 devices."""
+import json
+import os
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from configs import cpu
+from mlm_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny overrides of the demo config: a real corpus, a very small model.
+TINY = {
+    'num_steps': 8, 'batch_size': 8, 'seq_len': 32, 'warmup_steps': 2,
+    'log_every': 2, 'eval_every': 4, 'eval_batches': 2,
+    'checkpoint_every': 4,
+    'model.num_layers': 1, 'model.hidden_dim': 32, 'model.num_heads': 2,
+    'model.mlp_dim': 64, 'model.max_len': 32,
+    'data.vocab_size': 1000,
+}
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def _config(data_dir, **overrides):
+  c = cpu.get_config()
+  for key, value in {**TINY, 'data.data_dir': data_dir, **overrides}.items():
+    section = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      section = section[p]
+    section[leaf] = value
+  return c
+
+
+def _flags(data_dir, **overrides):
+  return [f'--config.{k}={v}'
+          for k, v in {**TINY, 'data.data_dir': data_dir, **overrides}.items()]
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_main_trains_writes_metrics_and_resumes(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  cmd = [sys.executable, '-m', 'mlm_jax.main', '--config=configs/cpu.py',
+         f'--workdir={workdir}', *_flags(data_dir)]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = _read_metrics(workdir)
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  assert train_steps == [2, 4, 6, 8]
+  last_eval = [r for r in records if 'eval/loss' in r][-1]
+  assert last_eval['step'] == 8
+  for key in ('eval/accuracy', 'eval/mask_accuracy', 'eval/baseline_accuracy'):
+    assert 0.0 <= last_eval[key] <= 1.0
+  first = next(r for r in records if 'train/loss' in r)
+  for key in ('train/learning_rate', 'train/grad_norm',
+              'train/tokens_per_second', 'train/mask_accuracy'):
+    assert np.isfinite(first[key])
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert 'ETA' in out.stderr
+
+  # The same command with more steps resumes from step 8, never from 0.
+  more = [c for c in cmd if not c.startswith('--config.num_steps')]
+  out = subprocess.run(more + ['--config.num_steps=10'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Restoring checkpoint at step 8' in out.stderr
+  steps = [r['step'] for r in _read_metrics(workdir) if 'train/loss' in r]
+  assert steps == [2, 4, 6, 8, 10]
+
+
+def test_a_misspelt_config_key_fails(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'mlm_jax.main', '--config=configs/cpu.py',
+       f'--workdir={tmp_path}', '--config.learnig_rate=1e-3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert 'learnig_rate' in out.stderr
+
+
+def test_bad_settings_fail_before_any_work(tmp_path):
+  for overrides, message in [({'seq_len': 64}, 'model.max_len'),
+                             ({'batch_size': 12}, 'divisible'),
+                             ({'mask.max_predictions': 2}, 'max_predictions'),
+                             ({'data.source': str(tmp_path / 'nope.txt')},
+                              'nope.txt')]:
+    with pytest.raises(ValueError, match=message):
+      train.train_and_evaluate(_config(str(tmp_path), **overrides),
+                               str(tmp_path / 'w'))
+    assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_equals_uninterrupted(data_dir, tmp_path):
+  assert jax.device_count() == 8  # the batch is sharded over 8 devices
+  overrides = {'model.dropout_rate': 0.1, 'eval_every': 100}
+  whole = train.train_and_evaluate(_config(data_dir, **overrides),
+                                   str(tmp_path / 'whole'))
+  for _ in range(3):  # steps 0-3, 3-6, 6-8, each in a fresh call
+    pieces = train.train_and_evaluate(
+        _config(data_dir, steps_per_run=3, **overrides),
+        str(tmp_path / 'pieces'))
+  assert int(whole.step) == int(pieces.step) == 8
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(pieces.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(whole.opt_state),
+                  jax.tree.leaves(pieces.opt_state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # A different number of steps in one go would differ: the test can fail.
+  shorter = train.train_and_evaluate(_config(data_dir, num_steps=7,
+                                             **overrides),
+                                     str(tmp_path / 'shorter'))
+  assert any(not np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(whole.params), jax.tree.leaves(shorter.params)))
