@@ -5,7 +5,8 @@ Global batch 1024 suits a v4-8 (4 chips, 256 rows per chip) and a v4-32
 tokenizer and packed dataset are built once into data.data_dir. On every
 worker of the slice (see launch/):
 
-  python -m mlm_jax.main --config=configs/tpu_v4.py --workdir=gs://BUCKET/bert_base \
+  python -m mlm_jax.main --distributed --config=configs/tpu_v4.py \
+      --workdir=gs://BUCKET/bert_base \
       --config.data.source=/data/enwiki-latest-pages-articles.xml.bz2 \
       --config.data.data_dir=/data/mlm_jax
 """

@@ -16,9 +16,12 @@ def _cfg(**kw):
                                      attention_dropout_rate=0.0), **kw})
 
 
-@pytest.fixture(params=[False, True], ids=['post_ln', 'pre_ln'])
+@pytest.fixture(params=[(False, 'learned'), (True, 'learned'), (True, 'rope')],
+                ids=['post_ln', 'pre_ln', 'pre_ln_rope'])
 def bert(request):
-  return model.create(_cfg(pre_ln=request.param), jax.random.key(0))
+  pre_ln, position = request.param
+  return model.create(_cfg(pre_ln=pre_ln, position=position),
+                      jax.random.key(0))
 
 
 def test_sparse_head_shapes_and_dtype(bert):
@@ -51,6 +54,25 @@ def test_packed_segments_do_not_see_each_other(bert):
                              atol=1e-5)
   np.testing.assert_allclose(h[:, 7:], bert.encoder(b, jnp.ones_like(b)),
                              atol=1e-5)
+
+
+def test_rope_attention_depends_only_on_relative_position():
+  x = jax.random.normal(jax.random.key(5), (1, 6, 2, 8))
+  q = model.rope(x, jnp.arange(6)[None], 10_000.0)
+  shifted = model.rope(x, jnp.arange(6)[None] + 11, 10_000.0)
+  np.testing.assert_allclose(jnp.einsum('bqhd,bkhd->bhqk', q, q),
+                             jnp.einsum('bqhd,bkhd->bhqk', shifted, shifted),
+                             atol=1e-4)
+  assert not np.allclose(q, shifted)
+
+
+def test_rope_has_no_position_table():
+  m = model.create(_cfg(position='rope'), jax.random.key(0))
+  assert m.encoder.embeddings.position is None
+  c = base.get_config()
+  c.model.position = 'sinusoid'
+  with pytest.raises(ValueError, match='model.position'):
+    model.model_config(c, vocab_size=100)
 
 
 def test_positions_restart_per_segment():
