@@ -25,5 +25,9 @@ setup(
         'tensorboardX',
         'tensorflow-datasets>=4.9.7',
     ],
-    extras_require={'test': ['pytest']},
+    extras_require={
+        # The masking benchmark compares with HF's data collator (numpy only).
+        'bench': ['transformers==4.57.*'],
+        'test': ['pytest', 'hypothesis', 'scipy', 'transformers==4.57.*'],
+    },
 )

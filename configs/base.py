@@ -48,10 +48,16 @@ def get_config(arg=None):
   c.model.param_dtype = 'float32' # parameter storage dtype
 
   c.mask = ml_collections.ConfigDict()
-  c.mask.rate = 0.15              # fraction of maskable tokens predicted per row
+  c.mask.strategy = 'token'       # token (BERT), whole_word, or span (SpanBERT)
+  c.mask.rate = 0.15              # fraction of maskable tokens predicted per row (training)
+  c.mask.schedule = 'constant'    # mask-rate schedule: constant, linear or cosine from rate to final_rate
+  c.mask.final_rate = 0.15        # rate at the last step (linear/cosine schedules)
+  c.mask.eval_rate = 0.15         # rate at eval, whatever the training rate
   c.mask.mask_prob = 0.8          # of those: replaced by [MASK]
   c.mask.random_prob = 0.1        # of those: replaced by a random non-special token
-  c.mask.max_predictions = 0      # static predictions per row; 0 = round(rate * seq_len)
+  c.mask.max_predictions = 0      # static predictions per row; 0 = round(max train rate * seq_len)
+  c.mask.span_p = 0.2             # span strategy: geometric p of span lengths (in words)
+  c.mask.span_max_words = 10      # span strategy: longest span (the law is truncated there)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'demo'          # 'demo', a pages-articles*.xml.bz2 dump, or text files/globs (comma-separated)

@@ -29,24 +29,6 @@ class TrainState:
   rng: jax.Array       # raw key data (uint32), so Orbax can save it
 
 
-@flax.struct.dataclass
-class MaskSpec:
-  """Everything `masking.mask_tokens` needs besides the key and the ids."""
-  special_ids: tuple = flax.struct.field(pytree_node=False)
-  mask_id: int = flax.struct.field(pytree_node=False)
-  vocab_size: int = flax.struct.field(pytree_node=False)
-  rate: float = flax.struct.field(pytree_node=False)
-  mask_prob: float = flax.struct.field(pytree_node=False)
-  random_prob: float = flax.struct.field(pytree_node=False)
-  max_predictions: int = flax.struct.field(pytree_node=False)
-
-  def __call__(self, key, ids_BxL):
-    return masking.mask_tokens(
-        key, ids_BxL, special_ids=self.special_ids, mask_id=self.mask_id,
-        vocab_size=self.vocab_size, rate=self.rate, mask_prob=self.mask_prob,
-        random_prob=self.random_prob, max_predictions=self.max_predictions)
-
-
 def _summed(values, weights):
   """A metric as (sum, weight), divided only when reported."""
   return jnp.stack([jnp.sum(values * weights), jnp.sum(weights)])
@@ -54,40 +36,72 @@ def _summed(values, weights):
 
 def mlm_metrics(logits_BxKxV, masked: masking.Masked, loss_BxK,
                 baseline_id=None):
+  """Loss and accuracy, overall and by what the input showed at the target."""
   weights_BxK = masked.weights_BxK
   correct_BxK = (jnp.argmax(logits_BxKxV, -1) == masked.targets_BxK)
   correct_BxK = correct_BxK.astype(jnp.float32)
-  at_mask_BxK = weights_BxK * (masked.kinds_BxK == masking.REPLACED_MASK)
+  at = lambda kind: weights_BxK * (masked.kinds_BxK == kind)
   metrics = {
       'loss': _summed(loss_BxK, weights_BxK),
       'accuracy': _summed(correct_BxK, weights_BxK),
-      'mask_accuracy': _summed(correct_BxK, at_mask_BxK),
+      'mask_accuracy': _summed(correct_BxK, at(masking.REPLACED_MASK)),
+      'random_accuracy': _summed(correct_BxK, at(masking.REPLACED_RANDOM)),
+      'kept_accuracy': _summed(correct_BxK, at(masking.KEPT)),
   }
   if baseline_id is not None:
     hit_BxK = (masked.targets_BxK == baseline_id).astype(jnp.float32)
-    metrics['baseline_accuracy'] = _summed(hit_BxK, at_mask_BxK)
+    metrics['baseline_accuracy'] = _summed(hit_BxK, at(masking.REPLACED_MASK))
   return metrics
 
 
+def mask_telemetry(masked: masking.Masked, special_ids) -> dict:
+  """What the masking did: realized rate, replacement split, span length."""
+  w_BxK = masked.weights_BxK
+  predictions = jnp.sum(w_BxK)
+  special_hits = jnp.sum(w_BxK * jnp.isin(masked.targets_BxK,
+                                          jnp.asarray(special_ids)))
+  frac = lambda kind: jnp.stack(
+      [jnp.sum(w_BxK * (masked.kinds_BxK == kind)), predictions])
+  return {
+      'mask_rate': jnp.stack([predictions,
+                              jnp.sum(masked.maskable_B).astype(jnp.float32)]),
+      'frac_mask': frac(masking.REPLACED_MASK),
+      'frac_random': frac(masking.REPLACED_RANDOM),
+      'frac_kept': frac(masking.KEPT),
+      # Special tokens chosen per step: must be 0.
+      'special_masked': jnp.stack([special_hits, 1.0]),
+      'mean_span_length': jnp.stack(
+          [predictions, jnp.sum(masked.units_B).astype(jnp.float32)]),
+  }
+
+
 def _forward(params, graphdef, masked, segment_ids_BxL, dropout_key):
-  model = nnx.merge(graphdef, params)
+  model_ = nnx.merge(graphdef, params)
   if dropout_key is None:
-    logits_BxKxV = model(masked.inputs_BxL, segment_ids_BxL,
-                         masked.positions_BxK, deterministic=True)
+    logits_BxKxV = model_(masked.inputs_BxL, segment_ids_BxL,
+                          masked.positions_BxK, deterministic=True)
   else:
-    logits_BxKxV = model(masked.inputs_BxL, segment_ids_BxL,
-                         masked.positions_BxK, deterministic=False,
-                         rngs=nnx.Rngs(dropout=dropout_key))
+    logits_BxKxV = model_(masked.inputs_BxL, segment_ids_BxL,
+                          masked.positions_BxK, deterministic=False,
+                          rngs=nnx.Rngs(dropout=dropout_key))
   loss_BxK = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxKxV, masked.targets_BxK)
   return logits_BxKxV, loss_BxK
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, mask_spec: MaskSpec):
-  """One optimizer update on a global batch; returns (state, metrics)."""
+def train_step(state: TrainState, batch, *, graphdef, tx,
+               masker: masking.Masker, rate_fn):
+  """One optimizer update on a global batch; returns (state, metrics).
+
+  Row b of the batch is example `step * B + b` of the data stream; its mask
+  is drawn from that id, so masks do not depend on the device layout.
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mask_key, dropout_key = jax.random.split(key)
-  masked = mask_spec(mask_key, batch['input_ids'])
+  batch_size = batch['input_ids'].shape[0]
+  example_ids_B = state.step * batch_size + jnp.arange(batch_size)
+  masked = masker(mask_key, batch['input_ids'], example_ids_B,
+                  rate_fn(state.step))
 
   def loss_fn(params):
     logits_BxKxV, loss_BxK = _forward(params, graphdef, masked,
@@ -101,30 +115,43 @@ def train_step(state: TrainState, batch, *, graphdef, tx, mask_spec: MaskSpec):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = mlm_metrics(logits_BxKxV, masked, loss_BxK)
+  metrics.update(mask_telemetry(masked, masker.special_ids))
   metrics['grad_norm'] = jnp.stack([optax.global_norm(grads), 1.0])
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
   return new_state, metrics
 
 
-def eval_step(params, batch, key, *, graphdef, mask_spec: MaskSpec,
+def eval_step(params, batch, key, *, graphdef, masker: masking.Masker, rate,
               baseline_id):
   """Metrics on one eval batch with a fixed masking key (no dropout)."""
-  masked = mask_spec(key, batch['input_ids'])
+  masked = masker(key, batch['input_ids'], None, rate)
   logits_BxKxV, loss_BxK = _forward(params, graphdef, masked,
                                     batch['segment_ids'], None)
   return mlm_metrics(logits_BxKxV, masked, loss_BxK, baseline_id)
 
 
-def mask_spec(config, tokenizer) -> MaskSpec:
-  max_predictions = (config.mask.max_predictions or
-                     masking.static_max_predictions(config.seq_len,
-                                                    config.mask.rate))
-  return MaskSpec(
+def make_maskers(config, tokenizer):
+  """(train masker, train rate schedule, eval masker) of a run config."""
+  m = config.mask
+  top_rate = max(m.rate, m.final_rate if m.schedule != 'constant' else 0.0)
+  common = dict(
       special_ids=tuple(tokenizer.special_ids), mask_id=tokenizer.mask_id,
-      vocab_size=tokenizer.vocab_size, rate=config.mask.rate,
-      mask_prob=config.mask.mask_prob, random_prob=config.mask.random_prob,
-      max_predictions=max_predictions)
+      vocab_size=tokenizer.vocab_size, strategy=m.strategy,
+      mask_prob=m.mask_prob, random_prob=m.random_prob,
+      word_start_V=(tokenizer.word_start_mask() if m.strategy != 'token'
+                    else None),
+      span_p=m.span_p, span_max_words=m.span_max_words)
+  train_masker = masking.Masker(
+      max_predictions=m.max_predictions or
+      masking.static_max_predictions(config.seq_len, top_rate), **common)
+  eval_masker = masking.Masker(
+      max_predictions=masking.static_max_predictions(config.seq_len,
+                                                     m.eval_rate), **common)
+  rate_fn = functools.partial(masking.rate_at, schedule=m.schedule,
+                              rate=m.rate, final_rate=m.final_rate,
+                              num_steps=config.num_steps)
+  return train_masker, rate_fn, eval_masker
 
 
 def validate_config(config):
@@ -134,16 +161,24 @@ def validate_config(config):
         f'seq_len={config.seq_len} exceeds model.max_len='
         f'{config.model.max_len} position embeddings; lower --config.seq_len '
         f'or raise --config.model.max_len.')
-  if not 0.0 < config.mask.rate < 1.0:
-    raise ValueError(f'mask.rate={config.mask.rate} must be in (0, 1).')
+  for key in ('rate', 'final_rate', 'eval_rate'):
+    if not 0.0 < config.mask[key] < 1.0:
+      raise ValueError(f'mask.{key}={config.mask[key]} must be in (0, 1).')
+  if config.mask.strategy not in masking.STRATEGIES:
+    raise ValueError(f'mask.strategy={config.mask.strategy!r}; choose one of '
+                     f'{masking.STRATEGIES}.')
+  masking.rate_at(0, schedule=config.mask.schedule, rate=0.1, final_rate=0.1,
+                  num_steps=1)  # raises on an unknown schedule
   if config.mask.mask_prob + config.mask.random_prob > 1.0:
     raise ValueError('mask.mask_prob + mask.random_prob must be <= 1, got '
                      f'{config.mask.mask_prob} + {config.mask.random_prob}.')
-  needed = masking.static_max_predictions(config.seq_len, config.mask.rate)
+  top_rate = max(config.mask.rate, config.mask.final_rate
+                 if config.mask.schedule != 'constant' else 0.0)
+  needed = masking.static_max_predictions(config.seq_len, top_rate)
   if config.mask.max_predictions and config.mask.max_predictions < needed:
     raise ValueError(
         f'mask.max_predictions={config.mask.max_predictions} is below '
-        f'round(rate * seq_len)={needed}, so rows would be truncated; set it '
+        f'round(max rate * seq_len)={needed}, so rows would be truncated; set it '
         f'to 0 (automatic) or >= {needed}.')
   if config.steps_per_run < 0:
     raise ValueError(f'steps_per_run={config.steps_per_run} must be >= 0.')
@@ -201,8 +236,8 @@ def train_and_evaluate(config, workdir: str):
   tokenizer = prepared.tokenizer
   mcfg = model.model_config(config, tokenizer.vocab_size)
   tx = optimizer.create(config)
-  spec = mask_spec(config, tokenizer)
-  baseline_id = most_frequent_token(prepared.train_source, spec.special_ids)
+  masker, rate_fn, eval_masker = make_maskers(config, tokenizer)
+  baseline_id = most_frequent_token(prepared.train_source, masker.special_ids)
   logging.info('Most frequent training token: %r (id %d), the eval baseline.',
                tokenizer.id_to_piece(baseline_id), baseline_id)
 
@@ -231,12 +266,13 @@ def train_and_evaluate(config, workdir: str):
   batch_sh = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   p_train_step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, mask_spec=spec),
+      functools.partial(train_step, graphdef=graphdef, tx=tx, masker=masker,
+                        rate_fn=rate_fn),
       in_shardings=(state_sharding, batch_sh),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   p_eval_step = jax.jit(
-      functools.partial(eval_step, graphdef=graphdef, mask_spec=spec,
-                        baseline_id=baseline_id),
+      functools.partial(eval_step, graphdef=graphdef, masker=eval_masker,
+                        rate=config.mask.eval_rate, baseline_id=baseline_id),
       in_shardings=(state_sharding.params, batch_sh, None),
       out_shardings=replicated)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
@@ -275,7 +311,7 @@ def train_and_evaluate(config, workdir: str):
           f'Non-finite train loss {scalars["train/loss"]} at step {step}; '
           f'the last checkpoint is kept in {workdir}/checkpoints. Lower the '
           'learning rate or raise warmup_steps.')
-    predictions = spec.max_predictions * config.batch_size * steps
+    predictions = masker.max_predictions * config.batch_size * steps
     flops = metrics_lib.train_flops(mcfg, config.seq_len, tokens, predictions)
     scalars['train/learning_rate'] = float(lr_fn(step - 1))
     scalars['train/tokens_per_second'] = tokens / seconds

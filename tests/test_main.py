@@ -68,8 +68,16 @@ def test_main_trains_writes_metrics_and_resumes(data_dir, tmp_path):
     assert 0.0 <= last_eval[key] <= 1.0
   first = next(r for r in records if 'train/loss' in r)
   for key in ('train/learning_rate', 'train/grad_norm',
-              'train/tokens_per_second', 'train/mask_accuracy'):
+              'train/tokens_per_second', 'train/mask_accuracy',
+              'train/frac_mask', 'train/frac_random', 'train/frac_kept',
+              'train/mean_span_length'):
     assert np.isfinite(first[key])
+  assert all(r['train/special_masked'] == 0 for r in records
+             if 'train/loss' in r)
+  # round(0.15 * ~31 maskable tokens) = 5 per row of 32: about 0.16.
+  assert abs(first['train/mask_rate'] - 0.15) < 0.02
+  for key in ('eval/random_accuracy', 'eval/kept_accuracy'):
+    assert key in last_eval
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert 'ETA' in out.stderr
 
@@ -102,6 +110,24 @@ def test_bad_settings_fail_before_any_work(tmp_path):
       train.train_and_evaluate(_config(str(tmp_path), **overrides),
                                str(tmp_path / 'w'))
     assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('strategy', ['whole_word', 'span'])
+def test_word_strategies_and_a_rate_schedule_train(data_dir, tmp_path,
+                                                   strategy):
+  train.train_and_evaluate(
+      _config(data_dir, **{'mask.strategy': strategy, 'mask.rate': 0.4,
+                           'mask.schedule': 'linear', 'mask.final_rate': 0.2,
+                           'num_steps': 4, 'log_every': 1}),
+      str(tmp_path))
+  records = [r for r in _read_metrics(str(tmp_path)) if 'train/loss' in r]
+  rates = [r['train/mask_rate'] for r in records]
+  # The rate falls from 0.4 towards 0.2 (whole words may leave a little
+  # budget unused, so allow a few points below).
+  assert 0.33 < rates[0] <= 0.41 and rates[-1] < rates[0]
+  assert all(r['train/special_masked'] == 0 for r in records)
+  assert records[-1]['train/mean_span_length'] >= 1.0
 
 
 @pytest.mark.slow

@@ -115,3 +115,202 @@ def test_bad_arguments_fail_clearly():
     _mask(jax.random.key(0), ids, max_predictions=9)
   with pytest.raises(ValueError, match='mask_prob'):
     _mask(jax.random.key(0), ids, mask_prob=0.9, random_prob=0.2)
+
+
+# ---------------------------------------------------------------------------
+# Strategies, laws, determinism across topologies, schedules.
+
+WORD_START_V = np.zeros(V, bool)
+WORD_START_V[5:600] = True  # ids >= 600 continue the previous word
+
+
+def _masker(strategy, max_predictions, **kw):
+  return masking.Masker(SPECIALS, MASK_ID, V, max_predictions,
+                        strategy=strategy, word_start_V=WORD_START_V, **kw)
+
+
+def _word_of_each_token(ids_row):
+  """Word number per token (-1 for specials), by the same rule, in numpy."""
+  words, w, prev_special = [], -1, True
+  for t in ids_row:
+    if t in SPECIALS:
+      words.append(-1)
+      prev_special = True
+      continue
+    if WORD_START_V[t] or prev_special:
+      w += 1
+    words.append(w)
+    prev_special = False
+  return np.array(words)
+
+
+@pytest.mark.parametrize('strategy', masking.STRATEGIES)
+def test_strategies_never_choose_specials_and_respect_the_budget(strategy):
+  ids = _rows(jax.random.key(10), 256, 64)
+  masker = _masker(strategy, masking.static_max_predictions(64, 0.15))
+  m = jax.jit(masker)(jax.random.key(11), ids, None, 0.15)
+  w = np.asarray(m.weights_BxK) > 0
+  assert not np.isin(np.asarray(m.targets_BxK)[w], SPECIALS).any()
+  k = np.floor(0.15 * np.asarray(m.maskable_B) + 0.5)
+  got = w.sum(1)
+  assert (got <= k).all()
+  if strategy == 'token':
+    np.testing.assert_array_equal(got, k)
+  else:  # whole words rarely leave the budget unfilled
+    assert got.sum() >= 0.97 * k.sum()
+
+
+@pytest.mark.parametrize('strategy', ['whole_word', 'span'])
+def test_word_strategies_never_split_a_word(strategy):
+  ids = _rows(jax.random.key(12), 128, 64)
+  m = jax.jit(_masker(strategy, 10))(jax.random.key(13), ids, None, 0.15)
+  for row, pos, w in zip(np.asarray(ids), np.asarray(m.positions_BxK),
+                         np.asarray(m.weights_BxK) > 0):
+    words = _word_of_each_token(row)
+    chosen = set(pos[w].tolist())
+    for word in {words[p] for p in chosen}:
+      assert set(np.flatnonzero(words == word).tolist()) <= chosen
+
+
+def test_span_lengths_follow_the_truncated_geometric_law():
+  scipy_stats = pytest.importorskip('scipy.stats')
+  lengths = np.asarray(masking.sample_span_lengths(jax.random.key(14),
+                                                   (100_000,), 0.2, 10))
+  observed = np.bincount(lengths, minlength=11)[1:]
+  expected = masking.span_length_probs(0.2, 10) * lengths.size
+  assert lengths.min() >= 1 and lengths.max() <= 10
+  assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
+  assert abs(masking.mean_span_words(0.2, 10) - 3.8) < 0.01  # SpanBERT's 3.8
+
+
+def test_realized_spans_have_the_law_mean():
+  # One-token words, long rows: spans in tokens are spans in words. Only the
+  # last span of a row can be cut short by the budget, so the mean is close.
+  ids = jax.random.randint(jax.random.key(15), (256, 512), 5, 600)
+  m = jax.jit(_masker('span', 80))(jax.random.key(16), ids, None, 0.15)
+  mean = float(m.weights_BxK.sum() / m.units_B.sum())
+  assert abs(mean - masking.mean_span_words(0.2, 10)) < 0.4, mean
+
+
+def test_random_replacements_pass_a_chi_square_test():
+  scipy_stats = pytest.importorskip('scipy.stats')
+  vocab = 40
+  ids = jax.random.randint(jax.random.key(17), (4096, 128), 5, vocab)
+  m = masking.mask_tokens(jax.random.key(18), ids, special_ids=SPECIALS,
+                          mask_id=MASK_ID, vocab_size=vocab,
+                          max_predictions=19, mask_prob=0.0, random_prob=1.0)
+  new = np.asarray(jnp.take_along_axis(m.inputs_BxL, m.positions_BxK, 1))
+  new = new[np.asarray(m.weights_BxK) > 0]
+  counts = np.bincount(new, minlength=vocab)
+  assert (counts[list(SPECIALS)] == 0).all()
+  assert scipy_stats.chisquare(counts[5:]).pvalue > 1e-3
+
+
+def test_masks_depend_on_example_ids_not_on_the_topology():
+  # One host with 8 devices masks the global batch of 16; two hosts with 4
+  # devices each mask their halves, with the same global example ids.
+  ids = _rows(jax.random.key(19), 16, 64)
+  example_ids = 1000 + jnp.arange(16)
+  masker = _masker('span', 10)
+  devices = np.asarray(jax.devices())
+  assert devices.size == 8
+
+  def run(mesh_devices, rows, ex):
+    mesh = jax.sharding.Mesh(mesh_devices, ('data',))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    fn = jax.jit(lambda k, x, e: masker(k, x, e, 0.15), in_shardings=(
+        None, shard, shard))
+    return fn(jax.random.key(20), rows, ex)
+
+  whole = run(devices, ids, example_ids)
+  halves = [run(devices[4 * h:4 * h + 4], ids[8 * h:8 * h + 8],
+                example_ids[8 * h:8 * h + 8]) for h in range(2)]
+  for field in whole._fields:
+    joined = np.concatenate([np.asarray(getattr(h, field)) for h in halves])
+    np.testing.assert_array_equal(np.asarray(getattr(whole, field)), joined)
+  # And a row's mask moves with it when the batch is reordered.
+  perm = np.arange(16)[::-1]
+  flipped = run(devices, ids[perm], example_ids[perm])
+  np.testing.assert_array_equal(np.asarray(flipped.inputs_BxL)[perm],
+                                np.asarray(whole.inputs_BxL))
+
+
+@pytest.mark.parametrize('schedule,mid', [('constant', 0.3), ('linear', 0.225),
+                                          ('cosine', 0.225)])
+def test_rate_schedules(schedule, mid):
+  rate = lambda s: float(masking.rate_at(s, schedule=schedule, rate=0.3,
+                                         final_rate=0.15, num_steps=100))
+  end = 0.3 if schedule == 'constant' else 0.15
+  assert rate(0) == pytest.approx(0.3)
+  assert rate(50) == pytest.approx(mid)
+  assert rate(100) == pytest.approx(end)
+  assert rate(1000) == pytest.approx(end)
+  if schedule == 'cosine':
+    assert rate(25) > 0.2625  # cosine stays high longer than linear
+
+
+def test_unknown_strategy_or_missing_word_table_fails_clearly():
+  with pytest.raises(ValueError, match='strategy'):
+    masking.Masker(SPECIALS, MASK_ID, V, 4, strategy='sentence')
+  with pytest.raises(ValueError, match='word_start_V'):
+    masking.Masker(SPECIALS, MASK_ID, V, 4, strategy='whole_word')
+
+
+# ---------------------------------------------------------------------------
+# Property tests: random lengths, padding and special-token placements.
+
+hypothesis = pytest.importorskip('hypothesis')
+st = pytest.importorskip('hypothesis.strategies')
+_PROPERTY_MASKERS = {s: _masker(s, 12) for s in masking.STRATEGIES}
+_PROPERTY_FNS = {s: jax.jit(m) for s, m in _PROPERTY_MASKERS.items()}
+
+
+@st.composite
+def _batches(draw):
+  """4 rows of 32: random real length, specials sprinkled anywhere, padding."""
+  rows = []
+  for _ in range(4):
+    real = draw(st.integers(0, 32))
+    tokens = draw(st.lists(st.integers(5, V - 1), min_size=real,
+                           max_size=real))
+    specials = draw(st.lists(st.tuples(st.integers(0, 31),
+                                       st.sampled_from([1, 2, 3, 4])),
+                             max_size=8))
+    row = np.zeros(32, np.int32)
+    row[:real] = tokens
+    for pos, sid in specials:
+      row[pos] = sid
+    rows.append(row)
+  return np.stack(rows)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(ids=_batches(), strategy=st.sampled_from(masking.STRATEGIES),
+                  rate=st.sampled_from([0.1, 0.15, 0.3]),
+                  seed=st.integers(0, 2**31 - 1))
+def test_masking_invariants_hold_for_any_row(ids, strategy, rate, seed):
+  m = _PROPERTY_FNS[strategy](jax.random.key(seed), jnp.asarray(ids), None,
+                              jnp.float32(rate))
+  inputs, pos = np.asarray(m.inputs_BxL), np.asarray(m.positions_BxK)
+  w = np.asarray(m.weights_BxK) > 0
+  maskable = ~np.isin(ids, SPECIALS)
+  k = np.minimum(np.floor(rate * maskable.sum(1) + 0.5), 12)
+  np.testing.assert_array_equal(np.asarray(m.maskable_B), maskable.sum(1))
+  for b in range(ids.shape[0]):
+    chosen = pos[b][w[b]]
+    assert len(set(chosen.tolist())) == len(chosen)       # distinct
+    assert maskable[b, chosen].all()                      # never special
+    assert (np.diff(chosen) > 0).all()                    # ascending
+    if strategy == 'token':
+      assert len(chosen) == k[b]                          # exact K
+    else:
+      assert len(chosen) <= k[b]                          # within budget
+    untouched = np.ones(32, bool)
+    untouched[chosen] = False
+    np.testing.assert_array_equal(inputs[b, untouched], ids[b, untouched])
+    np.testing.assert_array_equal(np.asarray(m.targets_BxK)[b][w[b]],
+                                  ids[b, chosen])
+    if strategy != 'token':
+      words = _word_of_each_token(ids[b])
+      for word in {words[p] for p in chosen}:
+        assert set(np.flatnonzero(words == word)) <= set(chosen.tolist())

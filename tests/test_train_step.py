@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
+from mlm_jax import masking
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
@@ -23,12 +24,11 @@ def _setup(num_steps=150):
                  attention_dropout_rate=0.0)
   mcfg = model.model_config(c, V)
   tx = optimizer.create(c)
-  spec = train.MaskSpec(special_ids=(0, 1, 2, 3, 4), mask_id=4, vocab_size=V,
-                        rate=0.25, mask_prob=0.8, random_prob=0.1,
-                        max_predictions=4)
+  masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
+                          vocab_size=V, max_predictions=4)
   mesh = sharding.make_mesh(c)
   graphdef, state, _ = train.init_state(mcfg, c, tx, mesh)
-  return c, graphdef, tx, spec, state, mesh
+  return c, graphdef, tx, masker, state, mesh
 
 
 def _batch(seed=0):
@@ -39,9 +39,9 @@ def _batch(seed=0):
 
 
 def test_loss_falls_on_a_repeated_batch():
-  _, graphdef, tx, spec, state, _ = _setup()
+  _, graphdef, tx, masker, state, _ = _setup()
   step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                   mask_spec=spec))
+                                   masker=masker, rate_fn=lambda _: 0.25))
   batch = _batch()
   losses = []
   for _ in range(150):
@@ -53,24 +53,32 @@ def test_loss_falls_on_a_repeated_batch():
 
 
 def test_metrics_are_sums_and_weights():
-  _, graphdef, tx, spec, state, _ = _setup()
+  _, graphdef, tx, masker, state, _ = _setup()
   _, m = train.train_step(state, _batch(), graphdef=graphdef, tx=tx,
-                          mask_spec=spec)
+                          masker=masker, rate_fn=lambda _: 0.25)
   # 8 rows x 15 maskable tokens x 0.25 -> round(3.75) = 4 predictions per row.
   assert float(m['loss'][1]) == 32.0
   assert 0 <= float(m['accuracy'][0]) <= 32.0
   assert float(m['mask_accuracy'][1]) <= 32.0
+  # Telemetry: 32 of 8 x 15 maskable tokens; no special token chosen.
+  np.testing.assert_allclose(m['mask_rate'], [32.0, 120.0])
+  assert float(m['special_masked'][0]) == 0.0
+  total = sum(float(m[k][0]) for k in ('frac_mask', 'frac_random',
+                                       'frac_kept'))
+  assert total == 32.0 and float(m['frac_mask'][1]) == 32.0
+  np.testing.assert_allclose(m['mean_span_length'], [32.0, 32.0])
 
 
 def test_eval_step_is_deterministic_and_reports_the_baseline():
-  _, graphdef, _, spec, state, _ = _setup()
+  _, graphdef, _, masker, state, _ = _setup()
   fn = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
-                                 mask_spec=spec, baseline_id=7))
+                                 masker=masker, rate=0.25, baseline_id=7))
   a = fn(state.params, _batch(1), jax.random.key(3))
   b = fn(state.params, _batch(1), jax.random.key(3))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
-  assert set(a) == {'loss', 'accuracy', 'mask_accuracy', 'baseline_accuracy'}
+  assert set(a) == {'loss', 'accuracy', 'mask_accuracy', 'random_accuracy',
+                    'kept_accuracy', 'baseline_accuracy'}
 
 
 def test_decay_mask_skips_layernorm_and_biases():
