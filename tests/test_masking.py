@@ -314,3 +314,20 @@ def test_masking_invariants_hold_for_any_row(ids, strategy, rate, seed):
       words = _word_of_each_token(ids[b])
       for word in {words[p] for p in chosen}:
         assert set(np.flatnonzero(words == word)) <= set(chosen.tolist())
+
+
+def test_wordpiece_continuations_stay_with_their_word():
+  from mlm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  pieces = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'un',
+            '##believ', '##able', 'cat', '##s', 'sat']
+  starts = tokenizer_lib.word_starts(pieces, 'wordpiece')
+  np.testing.assert_array_equal(starts[5:], [1, 1, 0, 0, 1, 0, 1])
+  ids = jnp.array([[2, 5, 6, 7, 8, 9, 10, 11, 3]] * 64)
+  m = masking.Masker(SPECIALS, MASK_ID, len(pieces), 4,
+                     strategy='whole_word', word_start_V=starts)(
+                         jax.random.key(0), ids, None, 0.5)
+  words = {6: 'un', 7: 'un', 8: 'un', 9: 'cat', 10: 'cat'}
+  for pos, w in zip(np.asarray(m.positions_BxK), np.asarray(m.weights_BxK)):
+    chosen = set(pos[w > 0].tolist())
+    for p in chosen & set(words):
+      assert {q for q in words if words[q] == words[p]} <= chosen

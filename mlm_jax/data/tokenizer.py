@@ -63,10 +63,24 @@ class Tokenizer:
 
     Whole-word masking masks a word start together with the pieces after it.
     """
-    mask = np.array([self.processor.id_to_piece(i).startswith('\u2581')
-                     for i in range(self.vocab_size)])
+    pieces = [self.processor.id_to_piece(i) for i in range(self.vocab_size)]
+    mask = word_starts(pieces, 'sentencepiece')
     mask[list(self.special_ids)] = False
     return mask
+
+
+def word_starts(pieces, convention: str) -> np.ndarray:
+  """[len(pieces)] bool: which pieces begin a word.
+
+  SentencePiece marks a word start with a leading '\u2581'; WordPiece (BERT's
+  HF tokenizers) marks a continuation with a leading '##'.
+  """
+  if convention == 'sentencepiece':
+    return np.array([p.startswith('\u2581') for p in pieces], bool)
+  if convention == 'wordpiece':
+    return np.array([not p.startswith('##') for p in pieces], bool)
+  raise ValueError(f"Unknown word convention {convention!r}; use "
+                   "'sentencepiece' or 'wordpiece'.")
 
 
 def _check(processor: spm.SentencePieceProcessor, where: str) -> None:
