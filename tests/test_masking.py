@@ -1,7 +1,10 @@
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from mlm_jax import masking
 
@@ -173,13 +176,12 @@ def test_word_strategies_never_split_a_word(strategy):
 
 
 def test_span_lengths_follow_the_truncated_geometric_law():
-  scipy_stats = pytest.importorskip('scipy.stats')
   lengths = np.asarray(masking.sample_span_lengths(jax.random.key(14),
                                                    (100_000,), 0.2, 10))
   observed = np.bincount(lengths, minlength=11)[1:]
   expected = masking.span_length_probs(0.2, 10) * lengths.size
   assert lengths.min() >= 1 and lengths.max() <= 10
-  assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
+  assert stats.chisquare(observed, expected).pvalue > 1e-3
   assert abs(masking.mean_span_words(0.2, 10) - 3.8) < 0.01  # SpanBERT's 3.8
 
 
@@ -193,7 +195,6 @@ def test_realized_spans_have_the_law_mean():
 
 
 def test_random_replacements_pass_a_chi_square_test():
-  scipy_stats = pytest.importorskip('scipy.stats')
   vocab = 40
   ids = jax.random.randint(jax.random.key(17), (4096, 128), 5, vocab)
   m = masking.mask_tokens(jax.random.key(18), ids, special_ids=SPECIALS,
@@ -203,7 +204,7 @@ def test_random_replacements_pass_a_chi_square_test():
   new = new[np.asarray(m.weights_BxK) > 0]
   counts = np.bincount(new, minlength=vocab)
   assert (counts[list(SPECIALS)] == 0).all()
-  assert scipy_stats.chisquare(counts[5:]).pvalue > 1e-3
+  assert stats.chisquare(counts[5:]).pvalue > 1e-3
 
 
 def test_masks_depend_on_example_ids_not_on_the_topology():
@@ -259,8 +260,6 @@ def test_unknown_strategy_or_missing_word_table_fails_clearly():
 # ---------------------------------------------------------------------------
 # Property tests: random lengths, padding and special-token placements.
 
-hypothesis = pytest.importorskip('hypothesis')
-st = pytest.importorskip('hypothesis.strategies')
 _PROPERTY_MASKERS = {s: _masker(s, 12) for s in masking.STRATEGIES}
 _PROPERTY_FNS = {s: jax.jit(m) for s, m in _PROPERTY_MASKERS.items()}
 

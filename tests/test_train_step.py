@@ -84,8 +84,11 @@ def test_eval_step_is_deterministic_and_reports_the_baseline():
 def test_decay_mask_skips_layernorm_and_biases():
   _, _, _, _, state, _ = _setup()
   mask = optimizer.decay_mask(state.params)
-  flat = dict(nnx.to_flat_state(mask))
-  for path, decayed in flat.items():
-    name = path[-1]
-    if name in ('bias', 'scale'):
-      assert not decayed.value if hasattr(decayed, 'value') else not decayed
+  flat = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(mask)}
+  decayed = {'/'.join(str(getattr(k, 'key', k)) for k in path): bool(v)
+             for path, v in flat.items()}
+  assert decayed, 'empty mask'
+  for name, on in decayed.items():
+    is_vector = any(p in name for p in ('bias', 'scale'))
+    assert on != is_vector, name
+  assert any(decayed.values()) and not all(decayed.values())
