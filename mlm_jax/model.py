@@ -15,7 +15,6 @@ Every parameter carries logical axis names (`vocab, embed, heads, kv, mlp`);
 `sharding.py` maps them to mesh axes.
 """
 import dataclasses
-from typing import Optional
 
 from flax import nnx
 import jax

@@ -1,6 +1,5 @@
 import functools
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
