@@ -28,6 +28,8 @@ def get_config(arg=None):
   c.checkpoint_every = 1_000      # steps between checkpoints (and at the end)
   c.keep_checkpoints = 3          # newest checkpoints kept on disk
   c.async_checkpointing = True    # write checkpoints in the background
+  c.init_from = ''                # params-only checkpoint to start from when the workdir has none ('' = random init)
+  c.nonfinite = 'stop'            # non-finite loss/gradient: 'stop' the run, or 'skip' the update (counted)
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up by device kind (none on CPU)
 
   c.model = ml_collections.ConfigDict()
@@ -44,6 +46,15 @@ def get_config(arg=None):
   c.model.initializer_range = 0.02  # std of the normal initializer
   c.model.pre_ln = False          # False: BERT's post-LN; True: pre-LN + final LN
   c.model.position = 'learned'    # 'learned' absolute (BERT) or 'rope' (rotary)
+  c.model.rope_base = 10_000.0    # RoPE frequency base
+  c.model.activation = 'gelu'     # MLP: 'gelu' (erf, BERT), 'gelu_tanh', or 'geglu'
+  c.model.use_bias = True         # biases in dense layers and LayerNorms (the decoder bias stays)
+  c.model.local_window = 0        # sliding-window attention width; 0 = every layer global
+  c.model.global_every = 1        # with local_window: layer i is global iff i % global_every == 0
+  c.model.attention = 'xla'       # attention kernel: 'xla' or 'cudnn' (GPU, 16-bit, no attn dropout)
+  c.model.remat = 'none'          # per-block rematerialisation: none, full, dots, dots_no_batch
+  c.model.scan_layers = False     # stack the blocks and apply them with lax.scan
+  c.model.vocab_multiple = 1      # pad the vocabulary to a multiple of this (128 on TPU/GPU)
   c.model.dtype = 'float32'       # compute dtype (bfloat16 on TPU/GPU)
   c.model.param_dtype = 'float32' # parameter storage dtype
 

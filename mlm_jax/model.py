@@ -1,24 +1,35 @@
-"""A BERT encoder for masked language modeling, in Flax NNX.
+"""A BERT-style encoder for masked language modeling, in Flax NNX.
 
-The parameter layout follows Hugging Face's `BertForMaskedLM` (word, position
-and token-type embeddings; post-LN blocks; GELU MLP; an MLM head with a dense
-transform, GELU, LayerNorm and a decoder tied to the word embeddings plus a
-bias), so weights can be exchanged with it. `pre_ln=True` moves each
-LayerNorm in front of its sublayer and adds a final one, which trains stably
-at higher learning rates.
+The default parameter layout follows Hugging Face's `BertForMaskedLM` (word,
+position and token-type embeddings; post-LN blocks; GELU MLP; an MLM head
+with a dense transform, GELU, LayerNorm and a decoder tied to the word
+embeddings plus a bias), so weights can be exchanged with it (`hf.py`).
+Knobs turn it into a modern encoder (ModernBERT, MosaicBERT, Cramming):
+`pre_ln` moves each LayerNorm in front of its sublayer and adds a final one;
+`position='rope'` rotates queries and keys instead of adding a position
+table; `activation` picks GELU (erf), GELU-tanh or GeGLU; `type_vocab_size=0`
+drops token-type embeddings; `use_bias=False` drops the biases of dense
+layers and LayerNorms; `local_window` with `global_every` alternates sliding
+window and global attention; `vocab_multiple` pads the vocabulary; `remat`
+and `scan_layers` trade compute for memory and compile time.
 
 Shape letters used in names:
   B batch, L sequence length, K predictions per row, D hidden size,
-  H attention heads, Dh head size (D / H), F MLP size, V vocabulary size,
-  P maximum positions.
-Every parameter carries logical axis names (`vocab, embed, heads, kv, mlp`);
-`sharding.py` maps them to mesh axes.
+  H attention heads, Dh head size (D / H), F MLP size, V vocabulary size
+  (padded to a multiple of `vocab_multiple`), P maximum positions,
+  N layers.
+Every parameter carries logical axis names (`vocab, embed, heads, kv, mlp`,
+and `layers` for the stacked blocks of `scan_layers`); `sharding.py` maps
+them to mesh axes.
 """
 import dataclasses
+import functools
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from mlm_jax import attention
 
 # name -> (num_layers, hidden_dim, num_heads, mlp_dim): Google's BERT sizes.
 PRESETS = {
@@ -29,17 +40,38 @@ PRESETS = {
     'base': (12, 768, 12, 3072),
     'large': (24, 1024, 16, 4096),
 }
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'geglu')
+# jax.checkpoint policies by `remat` name ('none': no rematerialisation).
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block
+    'dots': jax.checkpoint_policies.checkpoint_dots,  # save every matmul output
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# The knobs of the two recipes (configs/bert_base.py, configs/modern.py).
+RECIPES = {
+    # Exactly Hugging Face's BertForMaskedLM: exportable with convert to_hf.
+    'bert': dict(pre_ln=False, position='learned', activation='gelu',
+                 type_vocab_size=2, use_bias=True, local_window=0,
+                 global_every=1, vocab_multiple=1, layer_norm_eps=1e-12),
+    # ModernBERT's recipe: pre-LN, RoPE, GeGLU, no biases or token types,
+    # local attention (128) with a global layer every 3, vocab padded to 128.
+    'modern': dict(pre_ln=True, position='rope', activation='geglu',
+                   type_vocab_size=0, use_bias=False, local_window=128,
+                   global_every=3, vocab_multiple=128, layer_norm_eps=1e-5,
+                   dropout_rate=0.0, attention_dropout_rate=0.0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int
+  """The encoder's static description; validated when made."""
+  vocab_size: int               # the tokenizer's vocabulary (unpadded)
   num_layers: int = 2
   hidden_dim: int = 128
   num_heads: int = 2
   mlp_dim: int = 512
   max_len: int = 512
-  type_vocab_size: int = 2
+  type_vocab_size: int = 2      # 0: no token-type embeddings
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
@@ -47,8 +79,42 @@ class ModelConfig:
   pre_ln: bool = False
   position: str = 'learned'     # 'learned' (BERT) or 'rope' (rotary, in attention)
   rope_base: float = 10_000.0
+  activation: str = 'gelu'      # 'gelu' (erf), 'gelu_tanh' or 'geglu'
+  use_bias: bool = True         # biases of dense layers and LayerNorms
+  local_window: int = 0         # sliding-window width; 0: every layer global
+  global_every: int = 1         # with local_window: layer i global iff i % this == 0
+  attention: str = 'xla'        # kernel: 'xla' or 'cudnn'
+  remat: str = 'none'           # 'none' or a REMAT_POLICIES name
+  scan_layers: bool = False     # one stacked block, applied with lax.scan
+  vocab_multiple: int = 1       # pad the vocabulary rows to a multiple of this
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # storage dtype
+
+  def __post_init__(self):
+    if self.position not in ('learned', 'rope'):
+      raise ValueError(f"model.position={self.position!r} must be 'learned' "
+                       "or 'rope'.")
+    if self.hidden_dim % self.num_heads:
+      raise ValueError(f'model hidden_dim={self.hidden_dim} is not divisible '
+                       f'by num_heads={self.num_heads}.')
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'model.activation={self.activation!r}; choose one of '
+                       f'{ACTIVATIONS}.')
+    if self.remat != 'none' and self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; choose 'none' or one of "
+                       f'{sorted(REMAT_POLICIES)}.')
+    if self.local_window < 0 or self.global_every < 1:
+      raise ValueError(f'model.local_window={self.local_window} must be >= 0 '
+                       f'and model.global_every={self.global_every} >= 1.')
+    if self.vocab_multiple < 1 or self.type_vocab_size < 0:
+      raise ValueError(f'model.vocab_multiple={self.vocab_multiple} must be '
+                       f'>= 1 and type_vocab_size={self.type_vocab_size} >= 0.')
+    attention.check_implementation(self)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.vocab_multiple
+    return -(-self.vocab_size // m) * m
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
@@ -58,7 +124,7 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     raise ValueError(f'Unknown model.size={c.size!r}; choose one of '
                      f'{sorted(PRESETS)}.')
   layers, hidden, heads, mlp = PRESETS[c.size]
-  cfg = ModelConfig(
+  return ModelConfig(
       vocab_size=vocab_size,
       num_layers=c.num_layers or layers,
       hidden_dim=c.hidden_dim or hidden,
@@ -72,16 +138,18 @@ def model_config(config, vocab_size: int) -> ModelConfig:
       initializer_range=c.initializer_range,
       pre_ln=c.pre_ln,
       position=c.position,
+      rope_base=c.rope_base,
+      activation=c.activation,
+      use_bias=c.use_bias,
+      local_window=c.local_window,
+      global_every=c.global_every,
+      attention=c.attention,
+      remat=c.remat,
+      scan_layers=c.scan_layers,
+      vocab_multiple=c.vocab_multiple,
       dtype=c.dtype,
       param_dtype=c.param_dtype,
   )
-  if cfg.position not in ('learned', 'rope'):
-    raise ValueError(f"model.position={cfg.position!r} must be 'learned' or "
-                     "'rope'.")
-  if cfg.hidden_dim % cfg.num_heads:
-    raise ValueError(f'model hidden_dim={cfg.hidden_dim} is not divisible by '
-                     f'num_heads={cfg.num_heads}.')
-  return cfg
 
 
 def _init(cfg: ModelConfig, names):
@@ -91,19 +159,23 @@ def _init(cfg: ModelConfig, names):
 
 def _dense(cfg, d_in, d_out, names, rngs):
   return nnx.Linear(
-      d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_init(cfg, names),
+      d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, kernel_init=_init(cfg, names),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[-1:]),
       rngs=rngs)
 
 
 def _layer_norm(cfg, rngs):
   return nnx.LayerNorm(
-      cfg.hidden_dim, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
+      cfg.hidden_dim, epsilon=cfg.layer_norm_eps, use_bias=cfg.use_bias,
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)),
       rngs=rngs)
+
+
+def _activation(name):
+  return functools.partial(jax.nn.gelu, approximate=name == 'gelu_tanh')
 
 
 def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -117,16 +189,7 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
   return idx_BxL - start_BxL
 
 
-def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float):
-  """Rotary position embedding: rotates pairs of features by position."""
-  half = x_BxLxHxDh.shape[-1] // 2
-  freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLx1xF = (positions_BxL.astype(jnp.float32)[..., None] *
-                   freq_F)[:, :, None, :]
-  sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
-  x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxDh.dtype)
+rope = attention.rope
 
 
 class Embeddings(nnx.Module):
@@ -136,54 +199,25 @@ class Embeddings(nnx.Module):
       return nnx.Embed(n, cfg.hidden_dim, dtype=cfg.dtype,
                        param_dtype=cfg.param_dtype,
                        embedding_init=_init(cfg, names), rngs=rngs)
-    self.word = embed(cfg.vocab_size, ('vocab', 'embed'))
+    self.word = embed(cfg.padded_vocab_size, ('vocab', 'embed'))
     self.position = (embed(cfg.max_len, (None, 'embed'))
                      if cfg.position == 'learned' else None)
-    self.token_type = embed(cfg.type_vocab_size, (None, 'embed'))
+    self.token_type = (embed(cfg.type_vocab_size, (None, 'embed'))
+                       if cfg.type_vocab_size else None)
     self.norm = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def __call__(self, ids_BxL, positions_BxL, token_types_BxL, *, deterministic,
                rngs):
-    x_BxLxD = self.word(ids_BxL) + self.token_type(token_types_BxL)
+    x_BxLxD = self.word(ids_BxL)
+    if self.token_type is not None:
+      if token_types_BxL is None:
+        token_types_BxL = jnp.zeros_like(ids_BxL)
+      x_BxLxD = x_BxLxD + self.token_type(token_types_BxL)
     if self.position is not None:
       x_BxLxD = x_BxLxD + self.position(positions_BxL)
     return self.dropout(self.norm(x_BxLxD), deterministic=deterministic,
                         rngs=rngs)
-
-
-class SelfAttention(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d = cfg.hidden_dim
-    self.num_heads = cfg.num_heads
-    self.rope_base = cfg.rope_base if cfg.position == 'rope' else None
-    self.query = _dense(cfg, d, d, ('embed', 'heads'), rngs)
-    self.key = _dense(cfg, d, d, ('embed', 'heads'), rngs)
-    self.value = _dense(cfg, d, d, ('embed', 'heads'), rngs)
-    self.out = _dense(cfg, d, d, ('heads', 'embed'), rngs)
-    self.dropout = nnx.Dropout(cfg.attention_dropout_rate)
-
-  def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
-               rngs):
-    b, l, d = x_BxLxD.shape
-    h = self.num_heads
-    split = lambda t: t.reshape(b, l, h, d // h)
-    q_BxLxHxDh = split(self.query(x_BxLxD))
-    k_BxLxHxDh = split(self.key(x_BxLxD))
-    if self.rope_base is not None:
-      q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.rope_base)
-      k_BxLxHxDh = rope(k_BxLxHxDh, positions_BxL, self.rope_base)
-    v_BxLxHxDh = split(self.value(x_BxLxD))
-    scores_BxHxLxL = jnp.einsum('bqhd,bkhd->bhqk', q_BxLxHxDh, k_BxLxHxDh)
-    scores_BxHxLxL = scores_BxHxLxL.astype(jnp.float32) / jnp.sqrt(d // h)
-    scores_BxHxLxL = jnp.where(allowed_BxLxL[:, None], scores_BxHxLxL,
-                               jnp.finfo(jnp.float32).min)
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-    probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic,
-                                 rngs=rngs).astype(v_BxLxHxDh.dtype)
-    out_BxLxHxDh = jnp.einsum('bhqk,bkhd->bqhd', probs_BxHxLxL, v_BxLxHxDh)
-    return self.out(out_BxLxHxDh.reshape(b, l, d))
 
 
 class Block(nnx.Module):
@@ -191,17 +225,26 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.pre_ln = cfg.pre_ln
-    self.attention = SelfAttention(cfg, rngs)
+    self.glu = cfg.activation == 'geglu'
+    self.act = _activation(cfg.activation)
+    dense = functools.partial(_dense, cfg)
+    self.attention = attention.SelfAttention(cfg, dense, rngs)
     self.attention_norm = _layer_norm(cfg, rngs)
-    self.mlp_in = _dense(cfg, cfg.hidden_dim, cfg.mlp_dim, ('embed', 'mlp'),
-                         rngs)
-    self.mlp_out = _dense(cfg, cfg.mlp_dim, cfg.hidden_dim, ('mlp', 'embed'),
-                          rngs)
+    # GeGLU: one matmul makes both the gated half and the gate.
+    self.mlp_in = dense(cfg.hidden_dim, cfg.mlp_dim * (2 if self.glu else 1),
+                        ('embed', 'mlp'), rngs)
+    self.mlp_out = dense(cfg.mlp_dim, cfg.hidden_dim, ('mlp', 'embed'), rngs)
     self.mlp_norm = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def _mlp(self, x_BxLxD):
-    return self.mlp_out(jax.nn.gelu(self.mlp_in(x_BxLxD), approximate=False))
+    h_BxLxF = self.mlp_in(x_BxLxD)
+    if self.glu:
+      h_BxLxF, gate_BxLxF = jnp.split(h_BxLxF, 2, axis=-1)
+      h_BxLxF = self.act(h_BxLxF) * gate_BxLxF
+    else:
+      h_BxLxF = self.act(h_BxLxF)
+    return self.mlp_out(h_BxLxF)
 
   def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
                rngs):
@@ -215,46 +258,123 @@ class Block(nnx.Module):
     return self.mlp_norm(x_BxLxD + drop(self._mlp(x_BxLxD)))
 
 
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading [N] layer axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return Block(cfg, rngs)
+
+  return make(rngs)
+
+
 class Encoder(nnx.Module):
   """Token ids -> contextual vectors; packed segments never attend across."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.config = cfg
     self.embeddings = Embeddings(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _layer_norm(cfg, rngs) if cfg.pre_ln else None
+
+  def _layer_fn(self, graphdef, deterministic):
+    """(block params, x, allowed, positions, dropout key) -> x, rematted."""
+    cfg = self.config
+
+    def apply(params, x_BxLxD, allowed_BxLxL, positions_BxL, key):
+      block = nnx.merge(graphdef, params)
+      rngs = None if key is None else nnx.Rngs(dropout=key)
+      return block(x_BxLxD, allowed_BxLxL, positions_BxL,
+                   deterministic=deterministic, rngs=rngs)
+
+    if cfg.remat == 'none':
+      return apply
+    return jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat])
 
   def __call__(self, ids_BxL, segment_ids_BxL, token_types_BxL=None, *,
                deterministic=True, rngs=None):
-    if token_types_BxL is None:
-      token_types_BxL = jnp.zeros_like(ids_BxL)
+    cfg = self.config
     positions_BxL = positions_from_segments(segment_ids_BxL)
-    # Padding has segment 0, so real tokens never attend to it.
-    allowed_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    same_segment_BxLxL = attention.segment_mask(segment_ids_BxL)
+    local_BxLxL = same_segment_BxLxL
+    if cfg.local_window:
+      local_BxLxL = same_segment_BxLxL & attention.window_mask(
+          ids_BxL.shape[1], cfg.local_window)
     x_BxLxD = self.embeddings(ids_BxL, positions_BxL, token_types_BxL,
                               deterministic=deterministic, rngs=rngs)
-    for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, allowed_BxLxL, positions_BxL,
-                      deterministic=deterministic, rngs=rngs)
+    layer_key = None
+    if not deterministic and rngs is not None:
+      layer_key = rngs.dropout()
+
+    def allowed(layer):
+      is_global = attention.is_global_layer(layer, cfg.local_window,
+                                            cfg.global_every)
+      if isinstance(is_global, bool):
+        return same_segment_BxLxL if is_global else local_BxLxL
+      return jnp.where(is_global, same_segment_BxLxL, local_BxLxL)
+
+    key_of = lambda i: (None if layer_key is None
+                        else jax.random.fold_in(layer_key, i))
+    if cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+      apply = self._layer_fn(graphdef, deterministic)
+
+      def body(x_BxLxD, layer_params_and_index):
+        layer_params, i = layer_params_and_index
+        return apply(layer_params, x_BxLxD, allowed(i), positions_BxL,
+                     key_of(i)), None
+
+      x_BxLxD, _ = jax.lax.scan(body, x_BxLxD,
+                                (params, jnp.arange(cfg.num_layers)))
+    else:
+      for i, block in enumerate(self.blocks):
+        if cfg.remat == 'none':
+          x_BxLxD = block(x_BxLxD, allowed(i), positions_BxL,
+                          deterministic=deterministic,
+                          rngs=None if layer_key is None
+                          else nnx.Rngs(dropout=key_of(i)))
+        else:
+          graphdef, params = nnx.split(block)
+          x_BxLxD = self._layer_fn(graphdef, deterministic)(
+              params, x_BxLxD, allowed(i), positions_BxL, key_of(i))
     if self.final_norm is not None:
       x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD
 
 
 class MLMHead(nnx.Module):
-  """Dense + GELU + LayerNorm, then the tied decoder; logits in float32."""
+  """Dense + GELU + LayerNorm, then the tied decoder; logits in float32.
+
+  Padded vocabulary rows (ids >= vocab_size) get the lowest float32 logit, so
+  they take no probability mass in the softmax.
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.vocab_size = cfg.vocab_size
+    # GeGLU recipes keep a plain GELU in the head, as ModernBERT does.
+    self.act = _activation(cfg.activation)
     self.transform = _dense(cfg, cfg.hidden_dim, cfg.hidden_dim,
                             ('embed', 'mlp'), rngs)
     self.norm = _layer_norm(cfg, rngs)
-    self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype),
+    self.bias = nnx.Param(jnp.zeros((cfg.padded_vocab_size,), cfg.param_dtype),
                           out_sharding=('vocab',))
 
   def __call__(self, h_BxKxD, word_embedding_VxD):
-    h_BxKxD = self.norm(jax.nn.gelu(self.transform(h_BxKxD), approximate=False))
+    h_BxKxD = self.norm(self.act(self.transform(h_BxKxD)))
     logits_BxKxV = jnp.einsum('bkd,vd->bkv', h_BxKxD,
                               word_embedding_VxD.astype(h_BxKxD.dtype))
-    return logits_BxKxV.astype(jnp.float32) + self.bias.astype(jnp.float32)
+    logits_BxKxV = (logits_BxKxV.astype(jnp.float32) +
+                    self.bias.astype(jnp.float32))
+    if logits_BxKxV.shape[-1] > self.vocab_size:
+      real_V = jnp.arange(logits_BxKxV.shape[-1]) < self.vocab_size
+      logits_BxKxV = jnp.where(real_V, logits_BxKxV,
+                               jnp.finfo(jnp.float32).min)
+    return logits_BxKxV
 
 
 class BertForMLM(nnx.Module):
@@ -265,9 +385,22 @@ class BertForMLM(nnx.Module):
     self.mlm_head = MLMHead(cfg, rngs)
 
   def __call__(self, ids_BxL, segment_ids_BxL, positions_BxK, *,
-               deterministic=True, rngs=None):
-    """Logits only at `positions_BxK`: the vocabulary projection is sparse."""
-    h_BxLxD = self.encoder(ids_BxL, segment_ids_BxL,
+               token_types_BxL=None, deterministic=True, rngs=None):
+    """Logits only at `positions_BxK`: the vocabulary projection is sparse.
+
+    Args:
+      ids_BxL: token ids.
+      segment_ids_BxL: packed-document ids (1, 2, ...; 0 on padding).
+        Positions restart and attention stays inside each segment.
+      positions_BxK: where to predict.
+      token_types_BxL: BERT's sentence A/B ids; None: all 0.
+      deterministic: no dropout if True.
+      rngs: with a `dropout` stream when not deterministic.
+
+    Returns:
+      float32 logits_BxKxV (V: the padded vocabulary).
+    """
+    h_BxLxD = self.encoder(ids_BxL, segment_ids_BxL, token_types_BxL,
                            deterministic=deterministic, rngs=rngs)
     h_BxKxD = jnp.take_along_axis(h_BxLxD, positions_BxK[..., None], axis=1)
     return self.mlm_head(h_BxKxD, self.encoder.embeddings.word.embedding[...])
@@ -275,5 +408,6 @@ class BertForMLM(nnx.Module):
 
 def create(cfg: ModelConfig, seed_key: jax.Array) -> BertForMLM:
   """Builds the model; under jax.eval_shape this allocates nothing."""
+  attention.log_choice(cfg)
   with nnx.use_eager_sharding(False):
     return BertForMLM(cfg, nnx.Rngs(params=seed_key))

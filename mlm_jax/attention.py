@@ -1,0 +1,148 @@
+"""Self-attention: masks (packed segments, sliding windows), RoPE, kernels.
+
+The attention kernel is chosen by `ModelConfig.attention`:
+  'xla'    jax.nn.dot_product_attention(implementation='xla'); while attention
+           dropout is active (training with attention_dropout_rate > 0) the
+           same math runs as an explicit softmax, because the fused function
+           has no dropout. The choice is logged when the model is built.
+  'cudnn'  jax.nn.dot_product_attention(implementation='cudnn'), GPU only,
+           16-bit compute, no attention dropout. Any other combination is
+           refused with a ValueError when the model config is made: a kernel
+           never changes silently.
+
+Shape letters as in model.py; W is the sliding-window width.
+"""
+from typing import TYPE_CHECKING
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from mlm_jax import model as model_lib
+
+IMPLEMENTATIONS = ('xla', 'cudnn')
+
+
+def check_implementation(cfg: 'model_lib.ModelConfig') -> None:
+  """Raises ValueError for a kernel choice that cannot run as configured."""
+  if cfg.attention not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention={cfg.attention!r}; choose one of '
+                     f'{IMPLEMENTATIONS}.')
+  if cfg.attention != 'cudnn':
+    return
+  problems = []
+  if jax.default_backend() != 'gpu':
+    problems.append(f'it needs a GPU (the backend is {jax.default_backend()})')
+  if cfg.dtype not in ('bfloat16', 'float16'):
+    problems.append(f'it needs 16-bit compute (model.dtype={cfg.dtype})')
+  if cfg.attention_dropout_rate > 0:
+    problems.append('it has no attention dropout (model.attention_dropout_rate'
+                    f'={cfg.attention_dropout_rate}; set it to 0)')
+  if problems:
+    raise ValueError("model.attention='cudnn' cannot run here: " +
+                     '; '.join(problems) + ". Use model.attention='xla'.")
+
+
+def describe(cfg: 'model_lib.ModelConfig') -> str:
+  """One line saying which kernel runs, for the log."""
+  if cfg.attention == 'cudnn':
+    return 'attention kernel: cuDNN fused attention'
+  text = 'attention kernel: XLA (jax.nn.dot_product_attention)'
+  if cfg.attention_dropout_rate > 0:
+    text += ('; during training with attention dropout '
+             f'{cfg.attention_dropout_rate}, an explicit XLA softmax (the '
+             'fused function has no dropout)')
+  return text
+
+
+def is_global_layer(layer, local_window: int, global_every: int):
+  """Whether `layer` attends globally (ModernBERT: every `global_every`th).
+
+  `layer` may be a Python int or a traced int (inside a scan over layers).
+  """
+  if not local_window:
+    return True
+  return layer % global_every == 0
+
+
+def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """[B, L, L] bool: query and key are in the same packed segment.
+
+  Padding has segment 0, so real tokens never attend to it.
+  """
+  return segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+
+
+def window_mask(seq_len: int, width: int) -> jax.Array:
+  """[L, L] bool: |query - key| <= width // 2 (a symmetric sliding window)."""
+  idx = jnp.arange(seq_len)
+  return jnp.abs(idx[:, None] - idx[None, :]) <= width // 2
+
+
+def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float):
+  """Rotary position embedding: rotates pairs of features by position."""
+  half = x_BxLxHxDh.shape[-1] // 2
+  freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xF = (positions_BxL.astype(jnp.float32)[..., None] *
+                   freq_F)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
+  x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxDh.dtype)
+
+
+def reference_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxLxL,
+                        dropout=None):
+  """Softmax attention written out; `dropout` (probs -> probs) if given."""
+  dh = q_BxLxHxDh.shape[-1]
+  scores_BxHxLxL = jnp.einsum('bqhd,bkhd->bhqk', q_BxLxHxDh, k_BxLxHxDh)
+  scores_BxHxLxL = scores_BxHxLxL.astype(jnp.float32) / jnp.sqrt(dh)
+  scores_BxHxLxL = jnp.where(allowed_BxLxL[:, None], scores_BxHxLxL,
+                             jnp.finfo(jnp.float32).min)
+  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+  if dropout is not None:
+    probs_BxHxLxL = dropout(probs_BxHxLxL)
+  probs_BxHxLxL = probs_BxHxLxL.astype(v_BxLxHxDh.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs_BxHxLxL, v_BxLxHxDh)
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, cfg: 'model_lib.ModelConfig', dense, rngs: nnx.Rngs):
+    d = cfg.hidden_dim
+    self.num_heads = cfg.num_heads
+    self.implementation = cfg.attention
+    self.rope_base = cfg.rope_base if cfg.position == 'rope' else None
+    self.query = dense(d, d, ('embed', 'heads'), rngs)
+    self.key = dense(d, d, ('embed', 'heads'), rngs)
+    self.value = dense(d, d, ('embed', 'heads'), rngs)
+    self.out = dense(d, d, ('heads', 'embed'), rngs)
+    self.dropout = nnx.Dropout(cfg.attention_dropout_rate)
+
+  def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
+               rngs):
+    b, l, d = x_BxLxD.shape
+    h = self.num_heads
+    split = lambda t: t.reshape(b, l, h, d // h)
+    q_BxLxHxDh = split(self.query(x_BxLxD))
+    k_BxLxHxDh = split(self.key(x_BxLxD))
+    if self.rope_base is not None:
+      q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.rope_base)
+      k_BxLxHxDh = rope(k_BxLxHxDh, positions_BxL, self.rope_base)
+    v_BxLxHxDh = split(self.value(x_BxLxD))
+    if not deterministic and self.dropout.rate > 0:
+      # Only reachable with 'xla': check_implementation refuses cudnn here.
+      out_BxLxHxDh = reference_attention(
+          q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxLxL,
+          lambda p: self.dropout(p, deterministic=False, rngs=rngs))
+    else:
+      out_BxLxHxDh = jax.nn.dot_product_attention(
+          q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=allowed_BxLxL[:, None],
+          implementation=self.implementation)
+    return self.out(out_BxLxHxDh.reshape(b, l, d))
+
+
+def log_choice(cfg: 'model_lib.ModelConfig') -> None:
+  logging.info('Model: %s.', describe(cfg))
