@@ -28,6 +28,8 @@ setup(
     extras_require={
         # The masking benchmark compares with HF's data collator (numpy only).
         'bench': ['transformers==4.57.*'],
-        'test': ['pytest', 'hypothesis', 'scipy', 'transformers==4.57.*'],
+        # torch: the HF parity tests run transformers' PyTorch BERT on CPU.
+        'test': ['pytest', 'hypothesis', 'scipy', 'torch==2.13.0',
+                 'transformers==4.57.*'],
     },
 )
