@@ -57,14 +57,42 @@ def summarize(sums: dict, prefix: str) -> dict:
   return out
 
 
-class Writer:
-  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+def _keep_records_up_to(path: str, step: int):
+  """Drops records after `step` (and a line cut short by a crash) from PATH.
 
-  def __init__(self, workdir: str):
+  A run resumed from the checkpoint at `step` recomputes the later steps
+  exactly, so their old records would only be duplicates.
+  """
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record['step'] <= step:
+        kept.append(line)
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
+
+
+class Writer:
+  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only).
+
+  `start_step` is the step the run resumes from: records after it, written
+  before a crash, are dropped.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _keep_records_up_to(path, start_step)
+      self._jsonl = open(path, 'a')
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict):

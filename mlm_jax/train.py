@@ -1,5 +1,6 @@
 """Training and evaluation: the pure steps, and the loop that drives them."""
 import functools
+import os
 import time
 from typing import Any
 
@@ -17,8 +18,12 @@ from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model
 from mlm_jax import optimizer
+from mlm_jax import preemption
 from mlm_jax import sharding
 from mlm_jax.data import pipeline
+
+
+_NO_STEP = np.iinfo(np.int32).max  # "no such step" in step-valued metrics
 
 
 @flax.struct.dataclass
@@ -110,13 +115,23 @@ def train_step(state: TrainState, batch, *, graphdef, tx,
     return jnp.sum(loss_BxK * masked.weights_BxK) / weight, (logits_BxKxV,
                                                              loss_BxK)
 
-  grads, (logits_BxKxV, loss_BxK) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (logits_BxKxV, loss_BxK)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # A step with a non-finite loss or gradient changes nothing but the step
+  # count: the state stays finite, and the loop skips or stops per config.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, opt_state), (state.params, state.opt_state))
   metrics = mlm_metrics(logits_BxKxV, masked, loss_BxK)
   metrics.update(mask_telemetry(masked, masker.special_ids))
-  metrics['grad_norm'] = jnp.stack([optax.global_norm(grads), 1.0])
+  metrics['grad_norm'] = jnp.stack([grad_norm, 1.0])
+  # Leave a bad step out of the averages (NaN * 0 is NaN, hence where).
+  metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
+  metrics['nonfinite'] = jnp.stack([1.0 - finite, 1.0])
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
   return new_state, metrics
@@ -180,6 +195,9 @@ def validate_config(config):
         f'mask.max_predictions={config.mask.max_predictions} is below '
         f'round(max rate * seq_len)={needed}, so rows would be truncated; set it '
         f'to 0 (automatic) or >= {needed}.')
+  if config.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"nonfinite={config.nonfinite!r} must be 'stop' or "
+                     "'skip'.")
   if config.steps_per_run < 0:
     raise ValueError(f'steps_per_run={config.steps_per_run} must be >= 0.')
   for key in ('num_steps', 'batch_size', 'log_every', 'eval_every',
@@ -227,6 +245,17 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
 
 
+def _write_config(config, workdir: str):
+  """WORKDIR/config.json: what made the run, for tools that reload it."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + '.tmp', path)
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from WORKDIR if it holds a checkpoint) and evaluates."""
   validate_config(config)
@@ -250,12 +279,22 @@ def train_and_evaluate(config, workdir: str):
       jax.process_index(), jax.process_count())
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints,
                             config.async_checkpointing)
-  restored = checkpoint.restore_latest(ckpt, jax.tree.map(
+  abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, state_sharding))
+      state, state_sharding)
+  try:
+    restored = checkpoint.restore_latest(ckpt, abstract_state)
+  except Exception:
+    checkpoint.finish(ckpt)
+    raise
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
+  elif config.init_from:
+    state = state.replace(params=checkpoint.restore_params(
+        config.init_from, abstract_state.params))
+    logging.info('Initialised the parameters from %s.', config.init_from)
+  _write_config(config, workdir)
   start_step = int(state.step)
   if start_step >= config.num_steps:
     logging.info('Nothing to do: the checkpoint is at step %d >= num_steps=%d.',
@@ -289,7 +328,7 @@ def train_and_evaluate(config, workdir: str):
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
     return metrics_lib.summarize(jax.device_get(sums), 'eval')
 
-  writer = metrics_lib.Writer(workdir)
+  writer = metrics_lib.Writer(workdir, start_step)
   lr_fn = optimizer.learning_rate_schedule(config)
   peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device)
   logging.info('Training steps %d..%d, global batch %d x %d on %d devices.',
@@ -300,17 +339,39 @@ def train_and_evaluate(config, workdir: str):
   run_start, run_start_step = time.time(), start_step
   pending = None  # (step, sums, tokens, steps) of a window, fetched late
   last_fetch = time.time()  # when the previous window's metrics were ready
+  last_saved = start_step if restored is not None else None
+  # The first step whose loss or gradient was not finite (a device scalar,
+  # fetched only when reporting or saving); _NO_STEP while there is none.
+  first_bad = jnp.asarray(_NO_STEP, jnp.int32)
+
+  def check_numerics():
+    """Stops the run (nonfinite='stop') after a non-finite step."""
+    bad = int(first_bad)
+    if bad == _NO_STEP or config.nonfinite != 'stop':
+      return
+    last = (f'the last good checkpoint is step {last_saved} in '
+            f'{workdir}/checkpoints' if last_saved is not None else
+            'no checkpoint was saved')
+    raise FloatingPointError(
+        f'Non-finite loss or gradient at step {bad}; updates from it on were '
+        f'not applied and nothing after it was saved; {last}. Lower the '
+        'learning rate or raise warmup_steps, or set --config.nonfinite=skip '
+        'to skip such steps.')
 
   def report(step, sums, tokens, steps):
     nonlocal last_fetch
-    scalars = metrics_lib.summarize(jax.device_get(sums), 'train')
+    host_sums = jax.device_get(sums)
     # The fetch waited for the window's last step: time windows fetch to fetch.
     seconds, last_fetch = time.time() - last_fetch, time.time()
-    if not np.isfinite(scalars['train/loss']):
-      raise FloatingPointError(
-          f'Non-finite train loss {scalars["train/loss"]} at step {step}; '
-          f'the last checkpoint is kept in {workdir}/checkpoints. Lower the '
-          'learning rate or raise warmup_steps.')
+    checkpoint.check(ckpt)  # a failed background save raises here
+    check_numerics()
+    skipped = int(host_sums.pop('nonfinite')[0])
+    scalars = metrics_lib.summarize(host_sums, 'train')
+    scalars['train/nonfinite_steps'] = skipped
+    if skipped:
+      logging.warning('%d step(s) with a non-finite loss or gradient up to '
+                      'step %d were skipped (first: step %d).', skipped, step,
+                      int(first_bad))
     predictions = masker.max_predictions * config.batch_size * steps
     flops = metrics_lib.train_flops(mcfg, config.seq_len, tokens, predictions)
     scalars['train/learning_rate'] = float(lr_fn(step - 1))
@@ -324,44 +385,68 @@ def train_and_evaluate(config, workdir: str):
                  scalars['train/accuracy'], tokens / seconds,
                  _format_eta(per_step * (last_step - step)))
 
+  def save(step):
+    nonlocal last_saved
+    check_numerics()  # never save after a non-finite step under 'stop'
+    checkpoint.save(ckpt, step, state, train_iter.get_state())
+    last_saved = step
+
   last_step = config.num_steps
   if config.steps_per_run:
     last_step = min(last_step, start_step + config.steps_per_run)
-  for step in range(start_step + 1, last_step + 1):
-    local = next(train_iter)
-    real_tokens += int(np.count_nonzero(local['segment_ids']))
-    window_steps += 1
-    state, m = p_train_step(state, sharding.global_batch(local, mesh))
-    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    if step == start_step + 1:
-      # Keep compilation out of the first window's throughput.
-      jax.block_until_ready(m)
-      real_tokens, window_steps, last_fetch = 0, 0, time.time()
-    if pending is not None:
-      report(*pending)
-      pending = None
-    if step % config.log_every == 0 or step == last_step:
-      # This process's real tokens, scaled to the global batch.
-      pending = (step, sums, real_tokens * jax.process_count(), window_steps)
-      sums, real_tokens, window_steps = None, 0, 0
-    if step % config.eval_every == 0 or step == config.num_steps:
+  stop_reason = None
+  try:
+    with preemption.Watcher() as watcher:
+      for step in range(start_step + 1, last_step + 1):
+        local = next(train_iter)
+        real_tokens += int(np.count_nonzero(local['segment_ids']))
+        window_steps += 1
+        state, m = p_train_step(state, sharding.global_batch(local, mesh))
+        first_bad = jnp.minimum(
+            first_bad, jnp.where(m['nonfinite'][0] > 0, step, _NO_STEP))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        if step == start_step + 1:
+          # Keep compilation out of the first window's throughput.
+          jax.block_until_ready(m)
+          real_tokens, window_steps, last_fetch = 0, 0, time.time()
+        if pending is not None:
+          report(*pending)
+          pending = None
+        preempted = watcher.should_stop(step)
+        if (step % config.log_every == 0 or step == last_step or
+            (preempted and window_steps)):
+          # This process's real tokens, scaled to the global batch.
+          pending = (step, sums, real_tokens * jax.process_count(), window_steps)
+          sums, real_tokens, window_steps = None, 0, 0
+        if step % config.eval_every == 0 or step == config.num_steps:
+          if pending is not None:
+            report(*pending)
+            pending = None
+          scalars = evaluate(state.params)
+          writer.write(step, scalars)
+          logging.info('eval at step %d: %s', step,
+                       ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
+          last_fetch = time.time()
+        if (step % config.checkpoint_every == 0 or step == config.num_steps or
+            step == last_step or preempted):
+          save(step)
+        if preempted:
+          # The step is complete (its eval and checkpoint included): stop.
+          stop_reason = (f'{watcher.signal_name} at step {step}: checkpoint '
+                         'saved; run the same command to resume')
+          last_step = step
+          break
       if pending is not None:
         report(*pending)
-        pending = None
-      scalars = evaluate(state.params)
-      writer.write(step, scalars)
-      logging.info('eval at step %d: %s', step,
-                   ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
-      last_fetch = time.time()
-    if (step % config.checkpoint_every == 0 or step == config.num_steps or
-        step == last_step):
-      checkpoint.save(ckpt, step, state, train_iter.get_state())
-  if pending is not None:
-    report(*pending)
-  checkpoint.finish(ckpt)
-  writer.close()
-  logging.info('Stopped at step %d/%d after %s%s.', last_step,
-               config.num_steps, _format_eta(time.time() - run_start),
-               '' if last_step == config.num_steps else
-               ' (steps_per_run reached; run again to continue)')
+      checkpoint.finish(ckpt)  # waits for the last save; raises its error
+  except BaseException:
+    checkpoint.abandon(ckpt)  # lets a save in flight finish, then closes
+    raise
+  finally:
+    writer.close()
+  if stop_reason is None and last_step < config.num_steps:
+    stop_reason = 'steps_per_run reached; run again to continue'
+  logging.warning('Stopped at step %d/%d after %s%s.', last_step,
+                  config.num_steps, _format_eta(time.time() - run_start),
+                  f' ({stop_reason})' if stop_reason else '')
   return state

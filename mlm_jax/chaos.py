@@ -1,0 +1,160 @@
+"""Chaos check: kill training at random moments, resume, compare.
+
+  python -m mlm_jax.chaos --config=configs/cpu.py --workdir=/tmp/chaos \
+      --kills=5 [--config.num_steps=200 ...]
+
+Runs `mlm_jax.main` once without interruption (WORKDIR/reference), then again
+in WORKDIR/chaos, killing it KILLS times with SIGKILL or SIGTERM (both kinds,
+in random order) at random moments and rerunning the same command each time,
+then once more to the end. The verdict compares the two final checkpoints
+(parameters, optimizer state, step, RNG, data position) bit for bit, and the
+eval metrics at every eval step. Exit status 0 if identical, 1 if not.
+
+The `--config` and `--config.*` flags are passed to `mlm_jax.main` as given.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from mlm_jax import checkpoint
+
+# Parsed here so that a typo fails at once; passed on to mlm_jax.main as given.
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/cpu.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Holds reference/ and chaos/.')
+_KILLS = flags.DEFINE_integer('kills', 5, 'How many times to kill the run.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seeds the kill moments and signals.')
+_MIN_WAIT = flags.DEFINE_float(
+    'min_wait', 0.0, 'Earliest kill, in seconds after a start; default: 20% '
+    'of the reference run.')
+_MAX_WAIT = flags.DEFINE_float(
+    'max_wait', 0.0, 'Latest kill, in seconds after a start; default: 90% '
+    'of the reference run.')
+_TIMEOUT = flags.DEFINE_float('timeout', 3600, 'Seconds allowed per run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _main_command(workdir: str) -> list[str]:
+  forwarded = [a for a in sys.argv[1:] if a.startswith('--config')]
+  return [sys.executable, '-m', 'mlm_jax.main', f'--workdir={workdir}',
+          *forwarded]
+
+
+def _run_to_end(cmd, log_path) -> float:
+  start = time.time()
+  with open(log_path, 'a') as log:
+    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                        timeout=_TIMEOUT.value, check=False).returncode
+  if rc:
+    raise RuntimeError(f'{" ".join(cmd)} exited {rc}; see {log_path}.')
+  return time.time() - start
+
+
+def _newest_step(workdir: str):
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if (
+      os.path.isdir(directory)) else []
+  return max(steps, default=None)
+
+
+def _eval_records(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: {k: v for k, v in r.items() if k.startswith('eval/')}
+          for r in records if any(k.startswith('eval/') for k in r)}
+
+
+def _compare_states(a, b) -> list[str]:
+  flat = lambda t: {jax.tree_util.keystr(p): x for p, x in
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(a), flat(b)
+  problems = [f'{k}: only in one run' for k in sorted(a.keys() ^ b.keys())]
+  for k in sorted(a.keys() & b.keys()):
+    x, y = np.asarray(a[k]), np.asarray(b[k])
+    if x.shape != y.shape or x.dtype != y.dtype or x.tobytes() != y.tobytes():
+      diff = (float(np.max(np.abs(x.astype(np.float64) - y)))
+              if x.shape == y.shape else 'shape')
+      problems.append(f'{k}: differs (max abs difference {diff})')
+  return problems
+
+
+def main(argv):
+  del argv
+  root = os.path.abspath(_WORKDIR.value)
+  reference, chaos = os.path.join(root, 'reference'), os.path.join(root,
+                                                                   'chaos')
+  if os.path.exists(chaos):
+    raise app.UsageError(f'{chaos} exists: give a new --workdir (the chaos '
+                         'run must start from nothing).')
+  os.makedirs(root, exist_ok=True)
+  rng = random.Random(_SEED.value)
+
+  ref_cmd = _main_command(reference)
+  print(f'Reference run: {" ".join(ref_cmd)}', flush=True)
+  seconds = _run_to_end(ref_cmd, os.path.join(root, 'reference.log'))
+  print(f'  finished in {seconds:.1f} s at step {_newest_step(reference)}.',
+        flush=True)
+  lo = _MIN_WAIT.value or 0.2 * seconds
+  hi = max(_MAX_WAIT.value or 0.9 * seconds, lo)
+
+  cmd = _main_command(chaos)
+  log_path = os.path.join(root, 'chaos.log')
+  kinds = ([signal.SIGKILL, signal.SIGTERM] * _KILLS.value)[:_KILLS.value]
+  rng.shuffle(kinds)
+  for i, sig in enumerate(kinds, 1):
+    before = _newest_step(chaos)
+    wait = rng.uniform(lo, hi)
+    with open(log_path, 'a') as log:
+      log.write(f'\n=== start {i}: {sig.name} after {wait:.1f} s ===\n')
+      log.flush()
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+      try:
+        rc = proc.wait(timeout=wait)
+        what = f'finished by itself (exit {rc}) before the {sig.name}'
+      except subprocess.TimeoutExpired:
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=_TIMEOUT.value)
+        what = f'{sig.name} after {wait:.1f} s, exit {rc}'
+    print(f'Kill {i}/{len(kinds)}: {what}; newest checkpoint: step {before} '
+          f'-> {_newest_step(chaos)}.', flush=True)
+    if sig == signal.SIGTERM and rc not in (0, -signal.SIGTERM):
+      raise RuntimeError(f'The run exited {rc} after SIGTERM; see {log_path}.')
+
+  seconds = _run_to_end(cmd, log_path)
+  print(f'Final resume: finished in {seconds:.1f} s at step '
+        f'{_newest_step(chaos)}.', flush=True)
+
+  ref_step, ref_state, ref_data = checkpoint.read_latest(reference)
+  got_step, got_state, got_data = checkpoint.read_latest(chaos)
+  problems = []
+  if ref_step != got_step:
+    problems.append(f'final checkpoint steps differ: {ref_step} vs {got_step}')
+  if ref_data != got_data:
+    problems.append(f'data positions differ: {ref_data} vs {got_data}')
+  problems += _compare_states(ref_state, got_state)
+  ref_evals, got_evals = _eval_records(reference), _eval_records(chaos)
+  if ref_evals != got_evals:
+    problems.append(f'eval metrics differ: {ref_evals} vs {got_evals}')
+  leaves = len(jax.tree.leaves(ref_state))
+  if problems:
+    print('Verdict: DIFFERENT\n  ' + '\n  '.join(problems), flush=True)
+    sys.exit(1)
+  print(f'Verdict: IDENTICAL. After {len(kinds)} kills, the final checkpoint '
+        f'(step {got_step}, {leaves} arrays: parameters, optimizer state, '
+        f'RNG; data position {got_data}) is bit-identical to the '
+        f'uninterrupted run, and so are the eval metrics at steps '
+        f'{sorted(got_evals)}.', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
