@@ -24,6 +24,7 @@ setup(
         'sentencepiece',
         'tensorboardX',
         'tensorflow-datasets>=4.9.7',
+        'tokenizers',  # Hugging Face tokenizer.json files (imported checkpoints)
     ],
     extras_require={
         # The masking benchmark compares with HF's data collator (numpy only).

@@ -55,18 +55,20 @@ def train_iterator(source: Sequence[Batch], global_batch_size: int, seed: int,
 
 
 def eval_batches(source: Sequence[Batch], global_batch_size: int,
-                 process_index: int, process_count: int) -> Iterator[Batch]:
+                 process_index: int, process_count: int,
+                 pad_id: int = tokenizer_lib.Tokenizer.pad_id
+                 ) -> Iterator[Batch]:
   """One in-order pass over `source`, the last global batch padded with [PAD].
 
-  Padding rows are all [PAD] with segment 0, so they carry no loss weight;
-  every process yields the same number of batches.
+  Padding rows are all `pad_id` (the tokenizer's [PAD]: pass
+  `tokenizer.pad_id`; an HF vocabulary has its own) with segment 0, so they
+  carry no loss weight; every process yields the same number of batches.
   """
   n = len(source)
   if not n:
     raise ValueError('The validation split is empty.')
   seq_len = source[0]['input_ids'].shape[0]
-  pad = {'input_ids': np.full([seq_len], tokenizer_lib.Tokenizer.pad_id,
-                              np.int32),
+  pad = {'input_ids': np.full([seq_len], pad_id, np.int32),
          'segment_ids': np.zeros([seq_len], np.int32)}
   steps = -(-n // global_batch_size)
   ds = grain.MapDataset.range(steps * global_batch_size).map(

@@ -1,13 +1,21 @@
-"""SentencePiece unigram tokenizer with BERT's special tokens at fixed ids.
+"""Tokenizers: our SentencePiece unigram models, or a Hugging Face tokenizer.json.
 
-Train one from a source:
+Our own SentencePiece models put BERT's special tokens at fixed ids
+(SPECIALS). Train one from a source:
 
   python -m mlm_jax.data.tokenizer --source=demo --vocab_size=8192 \
       --out=/tmp/sp.model
+
+A Hugging Face `tokenizer.json` (e.g. an imported BERT's WordPiece, whose
+[PAD] [UNK] [CLS] [SEP] [MASK] are 0 100 101 102 103) loads through the
+`tokenizers` library into `HFTokenizer`, which has the same interface: the
+trainer, packer and fill-mask read special ids from the instance. `load`
+takes either kind.
 """
 
 from collections.abc import Iterable
 import io
+import json
 import os
 import uuid
 
@@ -41,6 +49,10 @@ class Tokenizer:
     self.processor = processor
 
   @property
+  def kind(self) -> str:
+    return 'sentencepiece'
+
+  @property
   def vocab_size(self) -> int:
     return self.processor.get_piece_size()
 
@@ -69,6 +81,94 @@ class Tokenizer:
     return mask
 
 
+# HF special tokens by role: BERT's names first, then RoBERTa-style ones.
+_HF_ROLES = {
+    'pad': ('[PAD]', '<pad>'), 'unk': ('[UNK]', '<unk>'),
+    'cls': ('[CLS]', '<s>'), 'sep': ('[SEP]', '</s>'),
+    'mask': ('[MASK]', '<mask>'),
+}
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers.Tokenizer` with the interface of Tokenizer.
+
+  encode() adds no [CLS]/[SEP] (the packer does) and never truncates;
+  special_ids are the tokenizer's special added tokens.
+  """
+
+  def __init__(self, tokenizer, name: str = 'tokenizer.json'):
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    self.tokenizer = tokenizer
+    ids = {}
+    for role, names in _HF_ROLES.items():
+      found = [tokenizer.token_to_id(n) for n in names]
+      found = [i for i in found if i is not None]
+      if not found:
+        raise ValueError(f'{name} has no {role} token (looked for {names}); '
+                         'mlm_jax needs [PAD] [UNK] [CLS] [SEP] [MASK].')
+      ids[role] = found[0]
+    self.pad_id, self.unk_id = ids['pad'], ids['unk']
+    self.cls_id, self.sep_id, self.mask_id = ids['cls'], ids['sep'], ids['mask']
+    added = tokenizer.get_added_tokens_decoder()
+    self.special_ids = tuple(sorted(
+        {i for i, t in added.items() if t.special} | set(ids.values())))
+
+  @classmethod
+  def load(cls, path: str) -> 'HFTokenizer':
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise ValueError(f'No tokenizer at {path!r}; fix data.tokenizer.')
+    try:
+      tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path!r} is not a Hugging Face tokenizer.json '
+                       f'({e}).') from e
+    return cls(tok, path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def model_bytes(self) -> bytes:
+    """The tokenizer's JSON: what packed datasets are keyed by."""
+    return self.tokenizer.to_str().encode('utf-8')
+
+  @property
+  def kind(self) -> str:
+    return 'hf'
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without [CLS]/[SEP]."""
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tokenizer.decode([int(i) for i in ids],
+                                 skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    return self.tokenizer.id_to_token(int(i))
+
+  def convention(self) -> str:
+    """How pieces mark words: 'wordpiece' ('##' continues) or 'sentencepiece'."""
+    model = json.loads(self.tokenizer.to_str())['model']
+    if model['type'] == 'WordPiece':
+      return 'wordpiece'
+    pieces = [self.id_to_piece(i) for i in range(self.vocab_size)]
+    if any(p and p.startswith('\u2581') for p in pieces):
+      return 'sentencepiece'
+    raise ValueError(f"Can't tell word starts of a {model['type']} tokenizer "
+                     "without '\u2581' pieces; use mask.strategy='token'.")
+
+  def word_start_mask(self) -> np.ndarray:
+    """[vocab_size] bool, True where a piece starts a word."""
+    pieces = [self.id_to_piece(i) or '' for i in range(self.vocab_size)]
+    mask = word_starts(pieces, self.convention())
+    mask[list(self.special_ids)] = False
+    return mask
+
+
 def word_starts(pieces, convention: str) -> np.ndarray:
   """[len(pieces)] bool: which pieces begin a word.
 
@@ -93,8 +193,16 @@ def _check(processor: spm.SentencePieceProcessor, where: str) -> None:
         f'{SPECIALS}. Train it with mlm_jax.data.tokenizer.train.')
 
 
-def load(path: str) -> Tokenizer:
-  """Loads and validates a SentencePiece model file."""
+def load(path: str) -> 'Tokenizer | HFTokenizer':
+  """Loads and validates a SentencePiece model or an HF tokenizer.json.
+
+  A directory holding a tokenizer.json (an HF model directory) also works.
+  """
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path,
+                                                        'tokenizer.json')):
+    path = os.path.join(path, 'tokenizer.json')
+  if path.endswith('.json'):
+    return HFTokenizer.load(path)
   if not os.path.isfile(path):
     raise ValueError(f'No tokenizer model at {path!r}; fix data.tokenizer or '
                      "set it to '' to train one from the source.")
