@@ -90,6 +90,7 @@ def _compare_states(a, b) -> list[str]:
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   root = os.path.abspath(_WORKDIR.value)
   reference, chaos = os.path.join(root, 'reference'), os.path.join(root,
                                                                    'chaos')

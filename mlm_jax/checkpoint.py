@@ -16,6 +16,7 @@ leaves the checkpoint untouched.
 Params-only checkpoints (`save_params`/`restore_params`) carry weights
 between runs, e.g. from a converted Hugging Face model (`init_from`).
 """
+import logging as std_logging
 import os
 import shutil
 import time
@@ -31,6 +32,16 @@ CORRUPT_DIR = 'checkpoints.corrupt'
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint whose tree or shapes differ from the model being trained."""
+
+
+def _not_orbax_info(record) -> bool:
+  return (record.levelno >= std_logging.WARNING or
+          '/orbax/' not in record.pathname)
+
+
+def quiet_orbax_logs():
+  """Orbax logs every stage of every save at INFO; keep its warnings only."""
+  logging.get_absl_logger().addFilter(_not_orbax_info)
 
 
 def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:

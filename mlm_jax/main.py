@@ -2,14 +2,13 @@
 
 A workdir that already holds a checkpoint resumes from it.
 """
-import logging as std_logging
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mlm_jax import checkpoint
 from mlm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,16 +22,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every step of every save at INFO; keep its warnings only."""
-  return (record.levelno >= std_logging.WARNING or
-          '/orbax/' not in record.pathname)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_logger().addFilter(_quiet_orbax)
+  checkpoint.quiet_orbax_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),

@@ -1,5 +1,4 @@
 """End-to-end: the real entry point, resume, and sharding over 8 devices."""
-import json
 import os
 import subprocess
 import sys
@@ -8,51 +7,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import cpu
 from mlm_jax import train
+import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny overrides of the demo config: a real corpus, a very small model.
-TINY = {
-    'num_steps': 8, 'batch_size': 8, 'seq_len': 32, 'warmup_steps': 2,
-    'log_every': 2, 'eval_every': 4, 'eval_batches': 2,
-    'checkpoint_every': 4,
-    'model.num_layers': 1, 'model.hidden_dim': 32, 'model.num_heads': 2,
-    'model.mlp_dim': 64, 'model.max_len': 32,
-    'data.vocab_size': 1000,
-}
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
-
-
-def _config(data_dir, **overrides):
-  c = cpu.get_config()
-  for key, value in {**TINY, 'data.data_dir': data_dir, **overrides}.items():
-    section = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      section = section[p]
-    section[leaf] = value
-  return c
-
-
-def _flags(data_dir, **overrides):
-  return [f'--config.{k}={v}'
-          for k, v in {**TINY, 'data.data_dir': data_dir, **overrides}.items()]
-
-
-def _read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+ROOT = tiny.ROOT
+_config = tiny.config
+_flags = tiny.flags
+_read_metrics = tiny.read_metrics
 
 
 @pytest.mark.slow
 def test_main_trains_writes_metrics_and_resumes(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = tiny.subprocess_env()
   cmd = [sys.executable, '-m', 'mlm_jax.main', '--config=configs/cpu.py',
          f'--workdir={workdir}', *_flags(data_dir)]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
