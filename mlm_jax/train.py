@@ -446,7 +446,9 @@ def train_and_evaluate(config, workdir: str):
     writer.close()
   if stop_reason is None and last_step < config.num_steps:
     stop_reason = 'steps_per_run reached; run again to continue'
-  logging.warning('Stopped at step %d/%d after %s%s.', last_step,
-                  config.num_steps, _format_eta(time.time() - run_start),
-                  f' ({stop_reason})' if stop_reason else '')
+  # A preemption is worth a warning: it is the line a cluster user looks for.
+  log = logging.warning if watcher.signal_name else logging.info
+  log('Stopped at step %d/%d after %s%s.', last_step, config.num_steps,
+      _format_eta(time.time() - run_start),
+      f' ({stop_reason})' if stop_reason else '')
   return state

@@ -1,0 +1,150 @@
+"""Nothing lost: preemption, kills, corrupt checkpoints, non-finite steps."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mlm_jax import checkpoint
+from mlm_jax import train
+import tiny
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if n.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_exits_0(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, '-m', 'mlm_jax.main', '--config=configs/cpu.py',
+         f'--workdir={workdir}',
+         *tiny.flags(data_dir, num_steps=10_000, log_every=1,
+                     eval_every=10_000, checkpoint_every=10_000)]
+  proc = subprocess.Popen(cmd, cwd=tiny.ROOT, env=tiny.subprocess_env(),
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  stopped = [line for line in stderr.splitlines() if 'SIGTERM at step' in line]
+  assert len(stopped) == 1, stderr[-3000:]
+  step = int(stopped[0].split('SIGTERM at step ')[1].split(':')[0])
+  assert 0 < step < 10_000
+  assert _checkpoint_steps(workdir) == [step]
+  assert tiny.read_metrics(workdir)[-1]['step'] == step
+
+
+@pytest.mark.slow
+def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
+  cmd = [sys.executable, '-m', 'mlm_jax.chaos', '--config=configs/cpu.py',
+         f'--workdir={tmp_path}', '--kills=5', '--seed=1',
+         *tiny.flags(data_dir, num_steps=12, checkpoint_every=3)]
+  out = subprocess.run(cmd, cwd=tiny.ROOT, env=tiny.subprocess_env(),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  kills = [line for line in out.stdout.splitlines()
+           if line.startswith('Kill ')]
+  assert len(kills) == 5, out.stdout
+  assert any('SIGKILL' in k for k in kills) and any('SIGTERM' in k
+                                                   for k in kills)
+  assert 'Verdict: IDENTICAL' in out.stdout, out.stdout
+
+
+def _corrupt(step_dir, how):
+  files = glob.glob(os.path.join(step_dir, 'state', 'd', '*'))
+  assert files
+  for path in files:
+    if how == 'truncated':
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    else:
+      os.remove(path)
+
+
+@pytest.mark.parametrize('how', ['truncated', 'missing'])
+def test_a_corrupt_newest_checkpoint_is_kept_and_the_previous_one_used(
+    data_dir, tmp_path, how, caplog):
+  workdir = str(tmp_path / 'run')
+  whole = train.train_and_evaluate(tiny.config(data_dir, eval_every=100),
+                                   workdir)
+  assert _checkpoint_steps(workdir) == [4, 8]
+  _corrupt(os.path.join(workdir, 'checkpoints', '8'), how)
+  corrupt_files = tiny.snapshot(os.path.join(workdir, 'checkpoints', '8'))
+  # A half-written save (Orbax's temporary name) is never chosen either.
+  os.makedirs(os.path.join(workdir, 'checkpoints',
+                           '12.orbax-checkpoint-tmp-1234', 'state'))
+
+  resumed = train.train_and_evaluate(tiny.config(data_dir, eval_every=100),
+                                     workdir)
+  assert 'Checkpoint 8' in caplog.text and 'Moved' in caplog.text
+  kept = glob.glob(os.path.join(workdir, checkpoint.CORRUPT_DIR, '8-*'))
+  assert len(kept) == 1 and tiny.snapshot(kept[0]) == corrupt_files
+  # Resumed from step 4, the run redid steps 5-8 exactly.
+  assert int(resumed.step) == 8 and _checkpoint_steps(workdir) == [4, 8]
+  assert _leaves_equal(whole.params, resumed.params)
+  assert _leaves_equal(whole.opt_state, resumed.opt_state)
+
+
+def test_nonfinite_stop_names_the_step_and_saves_nothing_after(data_dir,
+                                                              tmp_path):
+  workdir = str(tmp_path / 'run')
+  # A huge learning rate: the update at step 2 overflows the next loss.
+  config = tiny.config(data_dir, learning_rate=1e30, checkpoint_every=1,
+                       log_every=4, eval_every=100)
+  with pytest.raises(FloatingPointError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  bad = int(message.split('at step ')[1].split(';')[0])
+  assert f'last good checkpoint is step {bad - 1}' in message
+  assert '--config.nonfinite=skip' in message
+  assert _checkpoint_steps(workdir) == list(range(1, bad))
+  step, state, _ = checkpoint.read_latest(workdir)
+  assert step == bad - 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_nonfinite_skip_counts_the_steps_and_keeps_the_state_finite(
+    data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny.config(data_dir, learning_rate=1e30, nonfinite='skip',
+                       log_every=4, eval_every=100)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 8
+  skipped = [r['train/nonfinite_steps'] for r in tiny.read_metrics(workdir)
+             if 'train/nonfinite_steps' in r]
+  assert len(skipped) == 2 and 0 < sum(skipped) <= 8
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(state.params))
+  _, saved, _ = checkpoint.read_latest(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+def test_a_resumed_run_drops_metrics_written_after_its_checkpoint(data_dir,
+                                                                  tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny.config(data_dir, eval_every=100), workdir)
+  # As if killed at step 8 before its checkpoint (and mid-line).
+  checkpoint_8 = os.path.join(workdir, 'checkpoints', '8')
+  os.rename(checkpoint_8, checkpoint_8 + '.orbax-checkpoint-tmp-1')
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 9, "train/lo')
+  train.train_and_evaluate(tiny.config(data_dir, eval_every=100), workdir)
+  steps = [r['step'] for r in tiny.read_metrics(workdir)
+           if 'train/loss' in r]
+  assert steps == [2, 4, 6, 8]
