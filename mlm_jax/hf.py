@@ -164,7 +164,8 @@ def to_hf_state_dict(cfg: model_lib.ModelConfig, params
   check_exportable(cfg)
   flat = _flat(params)
   v, d = cfg.vocab_size, cfg.hidden_dim
-  f32 = lambda x: np.array(x, np.float32)  # a writable copy (torch wants one)
+  # A writable C-order copy: torch wants writable arrays, safetensors C order.
+  f32 = lambda x: np.array(x, np.float32, order='C')
   sd = {}
   for ours, theirs in _EMBED.items():
     key = 'encoder/embeddings/' + ours

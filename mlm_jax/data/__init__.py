@@ -35,6 +35,21 @@ def data_dir(data_config: ml_collections.ConfigDict) -> str:
   return os.path.abspath(os.path.expanduser(root))
 
 
+def tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
+  """The tokenizer file of `data_config`: data.tokenizer, or the cached one.
+
+  An SentencePiece model trained from the source is cached under the data
+  dir, keyed by the source and vocab size; `prepare` makes it if missing.
+  """
+  if data_config.tokenizer:
+    return data_config.tokenizer
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return os.path.join(
+      data_dir(data_config), 'tokenizers',
+      f'sp-{sources.fingerprint(data_config.source)}-'
+      f'{data_config.vocab_size}.model')
+
+
 def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
   """Loads or makes the tokenizer and the packed dataset of `data_config`."""
   # Imported here, not at the top, so that `python -m mlm_jax.data.tokenizer`
@@ -53,16 +68,12 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
   fingerprint = sources.fingerprint(data_config.source)
   documents = functools.partial(sources.documents, data_config.source,
                                 cache_dir=os.path.join(root, 'text'))
-  if data_config.tokenizer:
-    tok = tokenizer_lib.load(data_config.tokenizer)
+  path = tokenizer_path(data_config)
+  if data_config.tokenizer or os.path.exists(path):
+    tok = tokenizer_lib.load(path)
   else:
-    path = os.path.join(
-        root, 'tokenizers', f'sp-{fingerprint}-{data_config.vocab_size}.model')
-    if os.path.exists(path):
-      tok = tokenizer_lib.load(path)
-    else:
-      logging.info('Training a tokenizer on %s', data_config.source)
-      tok = tokenizer_lib.train(documents(), data_config.vocab_size, path)
+    logging.info('Training a tokenizer on %s', data_config.source)
+    tok = tokenizer_lib.train(documents(), data_config.vocab_size, path)
 
   make_builder = functools.partial(
       builder.PackedMLM, data_dir=root, documents=documents,
