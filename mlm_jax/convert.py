@@ -277,9 +277,10 @@ def _sentencepiece_backend(tok):
       legacy = True
       add_prefix_space = True
 
-    converter = conv.SpmConverter(_Slow())
-    converter.handle_byte_fallback = True
-    backend = converter.converted()
+    class _Converter(conv.SpmConverter):
+      handle_byte_fallback = True  # our models fall back to byte pieces
+
+    backend = _Converter(_Slow()).converted()
   cls, sep = tok.id_to_piece(tok.cls_id), tok.id_to_piece(tok.sep_id)
   backend.post_processor = tokenizers.processors.TemplateProcessing(
       single=f'{cls} $A {sep}', pair=f'{cls} $A {sep} $B:1 {sep}:1',
@@ -287,30 +288,31 @@ def _sentencepiece_backend(tok):
   return backend
 
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'The Hugging Face model dir.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The mlm_jax run / import dir.')
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'from_hf: seq_len of the '
-                                'written config (capped at max positions).')
-_SEED = flags.DEFINE_integer('seed', 0, 'from_hf: seed of the written config '
-                             'and of a missing MLM head.')
-
-
 def main(argv):
+  args = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ('from_hf', 'to_hf'):
     raise app.UsageError('Usage: python -m mlm_jax.convert from_hf|to_hf '
                          '--hf_dir=DIR --workdir=DIR')
-  if not _HF_DIR.value or not _WORKDIR.value:
+  if not args.hf_dir or not args.workdir:
     raise app.UsageError('--hf_dir and --workdir are both required.')
   if argv[1] == 'from_hf':
-    from_hf(_HF_DIR.value, _WORKDIR.value, _SEQ_LEN.value, _SEED.value)
-    print(f'Imported {_HF_DIR.value} into {_WORKDIR.value}. Continue '
-          f'pretraining with:\n  python -m mlm_jax.main '
-          f'--config={os.path.abspath(_WORKDIR.value)}/config.py '
+    from_hf(args.hf_dir, args.workdir, args.seq_len, args.seed)
+    print(f'Imported {args.hf_dir} into {args.workdir}. Continue pretraining '
+          'with:\n  python -m mlm_jax.main '
+          f'--config={os.path.abspath(args.workdir)}/config.py '
           '--workdir=RUN --config.data.source=TEXT')
   else:
-    to_hf(_WORKDIR.value, _HF_DIR.value)
-    print(f'Exported {_WORKDIR.value} to {_HF_DIR.value}.')
+    to_hf(args.workdir, args.hf_dir)
+    print(f'Exported {args.workdir} to {args.hf_dir}.')
 
 
 if __name__ == '__main__':
+  # Defined only when run as a tool: importing the module (fill_mask, tests,
+  # the trainer) must not add these flags.
+  flags.DEFINE_string('hf_dir', None, 'The Hugging Face model dir.')
+  flags.DEFINE_string('workdir', None, 'The mlm_jax run / import dir.')
+  flags.DEFINE_integer('seq_len', 128, 'from_hf: seq_len of the written '
+                       'config (capped at the max positions).')
+  flags.DEFINE_integer('seed', 0, 'from_hf: seed of the written config and '
+                       'of a missing MLM head.')
   app.run(main)

@@ -75,21 +75,15 @@ def format_text(texts, results) -> str:
   return '\n'.join(lines)
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run or an import.',
-                               required=True)
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Candidates per mask.')
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON: [{text, masks: '
-                          '[[{id, token, score}]]}].')
-
-
 def main(argv):
+  args = flags.FLAGS
   texts = argv[1:]
   if not texts:
     raise app.UsageError('Give one or more texts with [MASK] in them.')
   from mlm_jax import convert  # pylint: disable=g-import-not-at-top
-  _, _, tok, bert, _ = convert.load_run(_WORKDIR.value)
-  results = predict(bert, tok, texts, _TOP_K.value)
-  if _JSON.value:
+  _, _, tok, bert, _ = convert.load_run(args.workdir)
+  results = predict(bert, tok, texts, args.top_k)
+  if args.json:
     print(json.dumps([{'text': t, 'masks': r}
                       for t, r in zip(texts, results)], indent=2))
   else:
@@ -97,4 +91,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined only when run as a tool, so importing the module adds no flags.
+  flags.DEFINE_string('workdir', None, 'A training run or an import.',
+                      required=True)
+  flags.DEFINE_integer('top_k', 5, 'Candidates per mask.')
+  flags.DEFINE_bool('json', False, 'Print JSON: [{text, masks: '
+                    '[[{id, token, score}]]}].')
   app.run(main)

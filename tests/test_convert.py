@@ -104,6 +104,7 @@ def test_cli_round_trip(imported, tmp_path):
   assert len(pipe('the [MASK] sat on the mat .', top_k=3)) == 3
 
 
+@pytest.mark.slow
 def test_continued_pretraining_starts_from_the_imported_model(imported,
                                                               tmp_path):
   """Step 1 of a run with init_from has the imported params, not random ones.
