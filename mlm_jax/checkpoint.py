@@ -94,14 +94,16 @@ def _differences(saved_tree, abstract_tree, limit: int = 8) -> list[str]:
   flat = lambda t: {_path_name(p): leaf for p, leaf in
                     jax.tree_util.tree_flatten_with_path(t)[0]}
   saved, expected = flat(saved_tree), flat(abstract_tree)
+  # Shallow names first (embeddings before the blocks' many layers).
+  order = lambda keys: sorted(keys, key=lambda k: (k.count('/'), k))
   lines = [f'{k}: checkpoint has {_describe(saved[k])}, the model needs '
-           f'{_describe(expected[k])}' for k in sorted(saved.keys() & expected)
+           f'{_describe(expected[k])}' for k in order(saved.keys() & expected)
            if (tuple(saved[k].shape) != tuple(expected[k].shape) or
                saved[k].dtype != expected[k].dtype)]
-  lines += [f'{k}: only in the checkpoint' for k in sorted(saved.keys() -
-                                                           expected.keys())]
-  lines += [f'{k}: only in the model' for k in sorted(expected.keys() -
-                                                      saved.keys())]
+  lines += [f'{k}: only in the checkpoint' for k in order(saved.keys() -
+                                                          expected.keys())]
+  lines += [f'{k}: only in the model' for k in order(expected.keys() -
+                                                     saved.keys())]
   if len(lines) > limit:
     lines = lines[:limit] + [f'... and {len(lines) - limit} more']
   return lines
@@ -135,7 +137,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
       logging.warning('Checkpoint %d is unreadable (%s: %s).', step,
                       type(e).__name__, str(e)[:300])
     else:
-      differences = _differences(saved_tree, abstract_state)
+      # Parameters first: the optimizer state mirrors them.
+      differences = (_differences(saved_tree.get('params', {}),
+                                  abstract_state.params) or
+                     _differences(saved_tree, abstract_state))
       if differences:
         raise IncompatibleCheckpointError(
             f'The checkpoint at step {step} in {mngr.directory} was made by '
