@@ -257,7 +257,17 @@ def _write_config(config, workdir: str):
 
 
 def train_and_evaluate(config, workdir: str):
-  """Trains (resuming from WORKDIR if it holds a checkpoint) and evaluates."""
+  """Trains (resuming from WORKDIR if it holds a checkpoint) and evaluates.
+
+  A SIGTERM (or, multi-host, JAX's preemption notice) at any time ends the
+  run after the step in flight with a checkpoint; the function then returns
+  normally, so the process exits 0 and the same command resumes.
+  """
+  with preemption.Watcher() as watcher:
+    return _train_and_evaluate(config, workdir, watcher)
+
+
+def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   validate_config(config)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -395,50 +405,55 @@ def train_and_evaluate(config, workdir: str):
   if config.steps_per_run:
     last_step = min(last_step, start_step + config.steps_per_run)
   stop_reason = None
+  if watcher.signal_name:
+    logging.warning('%s before the first step: nothing new to save; '
+                    'exiting.', watcher.signal_name)
+    checkpoint.finish(ckpt)
+    writer.close()
+    return state
   try:
-    with preemption.Watcher() as watcher:
-      for step in range(start_step + 1, last_step + 1):
-        local = next(train_iter)
-        real_tokens += int(np.count_nonzero(local['segment_ids']))
-        window_steps += 1
-        state, m = p_train_step(state, sharding.global_batch(local, mesh))
-        first_bad = jnp.minimum(
-            first_bad, jnp.where(m['nonfinite'][0] > 0, step, _NO_STEP))
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-        if step == start_step + 1:
-          # Keep compilation out of the first window's throughput.
-          jax.block_until_ready(m)
-          real_tokens, window_steps, last_fetch = 0, 0, time.time()
+    for step in range(start_step + 1, last_step + 1):
+      local = next(train_iter)
+      real_tokens += int(np.count_nonzero(local['segment_ids']))
+      window_steps += 1
+      state, m = p_train_step(state, sharding.global_batch(local, mesh))
+      first_bad = jnp.minimum(
+          first_bad, jnp.where(m['nonfinite'][0] > 0, step, _NO_STEP))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      if step == start_step + 1:
+        # Keep compilation out of the first window's throughput.
+        jax.block_until_ready(m)
+        real_tokens, window_steps, last_fetch = 0, 0, time.time()
+      if pending is not None:
+        report(*pending)
+        pending = None
+      preempted = watcher.should_stop(step)
+      if (step % config.log_every == 0 or step == last_step or
+          (preempted and window_steps)):
+        # This process's real tokens, scaled to the global batch.
+        pending = (step, sums, real_tokens * jax.process_count(), window_steps)
+        sums, real_tokens, window_steps = None, 0, 0
+      if step % config.eval_every == 0 or step == config.num_steps:
         if pending is not None:
           report(*pending)
           pending = None
-        preempted = watcher.should_stop(step)
-        if (step % config.log_every == 0 or step == last_step or
-            (preempted and window_steps)):
-          # This process's real tokens, scaled to the global batch.
-          pending = (step, sums, real_tokens * jax.process_count(), window_steps)
-          sums, real_tokens, window_steps = None, 0, 0
-        if step % config.eval_every == 0 or step == config.num_steps:
-          if pending is not None:
-            report(*pending)
-            pending = None
-          scalars = evaluate(state.params)
-          writer.write(step, scalars)
-          logging.info('eval at step %d: %s', step,
-                       ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
-          last_fetch = time.time()
-        if (step % config.checkpoint_every == 0 or step == config.num_steps or
-            step == last_step or preempted):
-          save(step)
-        if preempted:
-          # The step is complete (its eval and checkpoint included): stop.
-          stop_reason = (f'{watcher.signal_name} at step {step}: checkpoint '
-                         'saved; run the same command to resume')
-          last_step = step
-          break
-      if pending is not None:
-        report(*pending)
-      checkpoint.finish(ckpt)  # waits for the last save; raises its error
+        scalars = evaluate(state.params)
+        writer.write(step, scalars)
+        logging.info('eval at step %d: %s', step,
+                     ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
+        last_fetch = time.time()
+      if (step % config.checkpoint_every == 0 or step == config.num_steps or
+          step == last_step or preempted):
+        save(step)
+      if preempted:
+        # The step is complete (its eval and checkpoint included): stop.
+        stop_reason = (f'{watcher.signal_name} at step {step}: checkpoint '
+                       'saved; run the same command to resume')
+        last_step = step
+        break
+    if pending is not None:
+      report(*pending)
+    checkpoint.finish(ckpt)  # waits for the last save; raises its error
   except BaseException:
     checkpoint.abandon(ckpt)  # lets a save in flight finish, then closes
     raise
