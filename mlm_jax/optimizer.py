@@ -14,8 +14,15 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: never on LayerNorm parameters or biases."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay on weight matrices and embeddings only.
+
+  Decided by name, not by rank: with `model.scan_layers` the stacked biases
+  and LayerNorm scales of all layers are 2-D, and still get no decay.
+  """
+  def decays(path, _):
+    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+    return not any(n in ('bias', 'scale') for n in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def create(config) -> optax.GradientTransformation:

@@ -329,7 +329,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   def evaluate(params):
     sums = None
     batches = pipeline.eval_batches(prepared.eval_source, config.batch_size,
-                                    jax.process_index(), jax.process_count())
+                                    jax.process_index(), jax.process_count(),
+                                    pad_id=tokenizer.pad_id)
     for i, local in enumerate(batches):
       if config.eval_batches and i >= config.eval_batches:
         break

@@ -7,7 +7,8 @@ from configs import base
 from mlm_jax import train
 
 
-@pytest.mark.parametrize('name', ['cpu', 'bert_base', 'tpu_v4', 'gpu_h100'])
+@pytest.mark.parametrize('name', ['cpu', 'bert_base', 'tpu_v4', 'gpu_h100',
+                                  'modern'])
 def test_config_is_valid_and_declares_nothing_new(name):
   c = importlib.import_module(f'configs.{name}').get_config()
   train.validate_config(c)

@@ -91,3 +91,15 @@ def test_decay_mask_skips_layernorm_and_biases():
     is_vector = any(p in name for p in ('bias', 'scale'))
     assert on != is_vector, name
   assert any(decayed.values()) and not all(decayed.values())
+
+
+def test_decay_mask_is_by_name_under_scan_layers():
+  """Stacked [layers, D] biases and scales are 2-D; they still get no decay."""
+  params = {'blocks': {'mlp': {'bias': jnp.zeros((3, 8)),
+                               'kernel': jnp.zeros((3, 8, 8))},
+                       'norm': {'scale': jnp.ones((3, 8))}},
+            'word': {'embedding': jnp.zeros((10, 8))}}
+  mask = optimizer.decay_mask(params)
+  assert mask == {'blocks': {'mlp': {'bias': False, 'kernel': True},
+                             'norm': {'scale': False}},
+                  'word': {'embedding': True}}
