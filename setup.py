@@ -21,6 +21,7 @@ setup(
         'numpy',
         'optax>=0.2.4',
         'orbax-checkpoint>=0.11',
+        'safetensors',  # Hugging Face weights in and out (mlm_jax.convert)
         'sentencepiece',
         'tensorboardX',
         'tensorflow-datasets>=4.9.7',
@@ -29,6 +30,9 @@ setup(
     extras_require={
         # The masking benchmark compares with HF's data collator (numpy only).
         'bench': ['transformers==4.57.*'],
+        # convert: importing a vocab.txt-only model, exporting a SentencePiece
+        # vocabulary as an HF fast tokenizer; torch reads pytorch_model.bin.
+        'hf': ['transformers==4.57.*', 'torch==2.13.0'],
         # torch: the HF parity tests run transformers' PyTorch BERT on CPU.
         'test': ['pytest', 'hypothesis', 'scipy', 'torch==2.13.0',
                  'transformers==4.57.*'],
