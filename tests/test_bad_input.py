@@ -61,19 +61,20 @@ def test_bad_settings_over_an_existing_run(trained, tmp_path, never_compiled,
   assert tiny.snapshot(os.path.join(workdir, 'checkpoints')) == before
 
 
-def test_missing_and_empty_data(tmp_path, never_compiled, data_dir):
+def test_missing_and_empty_data(trained, tmp_path, never_compiled, data_dir):
   del never_compiled
+  workdir = _copy(trained, tmp_path)
+  before = tiny.snapshot(os.path.join(workdir, 'checkpoints'))
   missing = str(tmp_path / 'nope.txt')
   with pytest.raises(ValueError, match=f'No such file.*{missing}'):
     train.train_and_evaluate(tiny.config(data_dir, **{'data.source': missing}),
-                             str(tmp_path / 'a'))
+                             workdir)
   empty = tmp_path / 'empty.txt'
   empty.write_text('')
   with pytest.raises(ValueError, match='empty'):
     train.train_and_evaluate(
-        tiny.config(data_dir, **{'data.source': str(empty)}),
-        str(tmp_path / 'b'))
-  assert not os.path.exists(tmp_path / 'a' / 'checkpoints')
+        tiny.config(data_dir, **{'data.source': str(empty)}), workdir)
+  assert tiny.snapshot(os.path.join(workdir, 'checkpoints')) == before
 
 
 def test_init_from_a_different_model(trained, tmp_path, never_compiled,
@@ -90,14 +91,17 @@ def test_init_from_a_different_model(trained, tmp_path, never_compiled,
         str(tmp_path / 'w'))
 
 
-def test_a_mistyped_key_is_named(tmp_path):
+def test_a_mistyped_key_is_named(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  before = tiny.snapshot(os.path.join(workdir, 'checkpoints'))
   out = subprocess.run(
       [sys.executable, '-m', 'mlm_jax.main', '--config=configs/cpu.py',
-       f'--workdir={tmp_path}', '--config.model.hiden_dim=64'],
+       f'--workdir={workdir}', '--config.model.hiden_dim=64'],
       cwd=tiny.ROOT, env=tiny.subprocess_env(), capture_output=True,
       text=True, timeout=120)
   assert out.returncode != 0
   assert 'hiden_dim' in out.stderr and 'hidden_dim' in out.stderr
+  assert tiny.snapshot(os.path.join(workdir, 'checkpoints')) == before
 
 
 @pytest.fixture
