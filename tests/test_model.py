@@ -67,6 +67,18 @@ def test_rope_attention_depends_only_on_relative_position():
   assert not np.allclose(q, shifted)
 
 
+def test_rope_matches_a_direct_complex_rotation():
+  """Feature pairs (i, i + Dh/2) rotate by position * base^(-i / (Dh/2))."""
+  x = np.asarray(jax.random.normal(jax.random.key(6), (2, 5, 3, 8)))
+  positions = np.array([[0, 1, 2, 3, 4], [7, 0, 1, 9, 2]])
+  half = x.shape[-1] // 2
+  angle = positions[:, :, None, None] * 500.0 ** (-np.arange(half) / half)
+  z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angle)
+  want = np.concatenate([z.real, z.imag], axis=-1)
+  got = model.rope(jnp.asarray(x), jnp.asarray(positions), 500.0)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_rope_has_no_position_table():
   m = model.create(_cfg(position='rope'), jax.random.key(0))
   assert m.encoder.embeddings.position is None
