@@ -6,7 +6,9 @@
 Runs `mlm_jax.main` once without interruption (WORKDIR/reference), then again
 in WORKDIR/chaos, killing it KILLS times with SIGKILL or SIGTERM (both kinds,
 in random order) at random moments and rerunning the same command each time,
-then once more to the end. The verdict compares the two final checkpoints
+then once more to the end. A quarter of the kills land during start-up; the
+others at a random moment of the training left, timed by the reference
+run's seconds per step. The verdict compares the two final checkpoints
 (parameters, optimizer state, step, RNG, data position) bit for bit, and the
 eval metrics at every eval step. Exit status 0 if identical, 1 if not.
 
@@ -34,12 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Holds reference/ and chaos/.')
 _KILLS = flags.DEFINE_integer('kills', 5, 'How many times to kill the run.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the kill moments and signals.')
-_MIN_WAIT = flags.DEFINE_float(
-    'min_wait', 0.0, 'Earliest kill, in seconds after a start; default: 20% '
-    'of the reference run.')
-_MAX_WAIT = flags.DEFINE_float(
-    'max_wait', 0.0, 'Latest kill, in seconds after a start; default: 90% '
-    'of the reference run.')
+_STARTUP = flags.DEFINE_float(
+    'startup_seconds', 10.0, 'A start-up kill lands within this many seconds '
+    'of the start.')
 _TIMEOUT = flags.DEFINE_float('timeout', 3600, 'Seconds allowed per run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -58,6 +57,33 @@ def _run_to_end(cmd, log_path) -> float:
   if rc:
     raise RuntimeError(f'{" ".join(cmd)} exited {rc}; see {log_path}.')
   return time.time() - start
+
+
+def _log_time(line: str) -> float:
+  """Seconds since midnight of an absl log line (`I1127 21:00:30.664 ...`)."""
+  hours, minutes, seconds = line.split()[1].split(':')
+  return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def _seconds_per_step(log_path: str) -> float:
+  """Training seconds per step of a finished run, from its log."""
+  with open(log_path) as f:
+    lines = f.read().splitlines()
+  start = next(x for x in lines if 'Training steps' in x)
+  end = next(x for x in reversed(lines) if 'Stopped at step' in x)
+  steps = int(end.split('Stopped at step ')[1].split('/')[0]) - int(
+      start.split('Training steps ')[1].split('..')[0])
+  return max(_log_time(end) - _log_time(start), 0.0) / max(steps, 1)
+
+
+def _wait_for_line(log_path: str, offset: int, text: str, proc):
+  """Waits until TEXT appears in the log after OFFSET, or the process ends."""
+  while proc.poll() is None:
+    with open(log_path) as f:
+      f.seek(offset)
+      if text in f.read():
+        return
+    time.sleep(0.1)
 
 
 def _newest_step(workdir: str):
@@ -105,27 +131,40 @@ def main(argv):
   seconds = _run_to_end(ref_cmd, os.path.join(root, 'reference.log'))
   print(f'  finished in {seconds:.1f} s at step {_newest_step(reference)}.',
         flush=True)
-  lo = _MIN_WAIT.value or 0.2 * seconds
-  hi = max(_MAX_WAIT.value or 0.9 * seconds, lo)
+  per_step = _seconds_per_step(os.path.join(root, 'reference.log'))
+  num_steps = _CONFIG.value.num_steps
 
   cmd = _main_command(chaos)
   log_path = os.path.join(root, 'chaos.log')
   kinds = ([signal.SIGKILL, signal.SIGTERM] * _KILLS.value)[:_KILLS.value]
   rng.shuffle(kinds)
+  landed = 0
   for i, sig in enumerate(kinds, 1):
     before = _newest_step(chaos)
-    wait = rng.uniform(lo, hi)
+    remaining = num_steps - (before or 0)
     with open(log_path, 'a') as log:
-      log.write(f'\n=== start {i}: {sig.name} after {wait:.1f} s ===\n')
+      log.write(f'\n=== start {i} ===\n')
       log.flush()
+      offset = os.path.getsize(log_path)
+      start = time.time()
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+      # A quarter of the kills land during start-up (imports, data, restore),
+      # the rest at a random moment of the training that is left.
+      if rng.random() < 0.25:
+        moment, wait = 'during start-up', rng.uniform(0, _STARTUP.value)
+      else:
+        _wait_for_line(log_path, offset, 'Training steps', proc)
+        moment = 'while training'
+        wait = rng.uniform(0, 0.9 * remaining * per_step)
       try:
         rc = proc.wait(timeout=wait)
         what = f'finished by itself (exit {rc}) before the {sig.name}'
       except subprocess.TimeoutExpired:
         proc.send_signal(sig)
         rc = proc.wait(timeout=_TIMEOUT.value)
-        what = f'{sig.name} after {wait:.1f} s, exit {rc}'
+        landed += 1
+        what = (f'{sig.name} {moment}, {time.time() - start:.1f} s after the '
+                f'start, exit {rc}')
     print(f'Kill {i}/{len(kinds)}: {what}; newest checkpoint: step {before} '
           f'-> {_newest_step(chaos)}.', flush=True)
     if sig == signal.SIGTERM and rc not in (0, -signal.SIGTERM):
@@ -147,10 +186,13 @@ def main(argv):
   if ref_evals != got_evals:
     problems.append(f'eval metrics differ: {ref_evals} vs {got_evals}')
   leaves = len(jax.tree.leaves(ref_state))
+  if landed < len(kinds):
+    problems.append(f'only {landed} of {len(kinds)} kills landed before the '
+                    'run finished; the check is incomplete')
   if problems:
     print('Verdict: DIFFERENT\n  ' + '\n  '.join(problems), flush=True)
     sys.exit(1)
-  print(f'Verdict: IDENTICAL. After {len(kinds)} kills, the final checkpoint '
+  print(f'Verdict: IDENTICAL. After {landed} kills, the final checkpoint '
         f'(step {got_step}, {leaves} arrays: parameters, optimizer state, '
         f'RNG; data position {got_data}) is bit-identical to the '
         f'uninterrupted run, and so are the eval metrics at steps '
