@@ -16,6 +16,7 @@ setup(
         'grain>=0.2.12',
         'importlib_resources',  # tensorflow-datasets needs it without TF
         'jax>=0.6',
+        'matplotlib',  # mlm_jax.plot: training curves to PNG
         'ml-collections',
         'mwparserfromhell>=0.6',
         'numpy',

@@ -1,0 +1,108 @@
+"""Training curves of one or more runs, to a PNG.
+
+  python -m mlm_jax.plot --workdir=/tmp/run_a --workdir=/tmp/run_b \
+      [--label=15% --label=30%] [--out=curves.png]
+
+Reads each run's WORKDIR/metrics.jsonl (and config.json for the tokens per
+step) and draws loss and MLM accuracy, train and eval, against steps and
+against tokens: 2 x 2 panels, one colour per run, train dashed and eval
+solid. TensorBoard reads the same runs from WORKDIR/tensorboard.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_WORKDIRS = flags.DEFINE_multi_string('workdir', None, 'A run to draw.')
+_LABELS = flags.DEFINE_multi_string(
+    'label', None, 'Legend name per --workdir, in order; default: its name.')
+_OUT = flags.DEFINE_string(
+    'out', None, 'PNG to write; default: curves.png in the first workdir.')
+flags.mark_flag_as_required('workdir')
+
+# (panel title, train metric, eval metric)
+PANELS = (('MLM loss', 'train/loss', 'eval/loss'),
+          ('MLM accuracy', 'train/accuracy', 'eval/accuracy'))
+
+
+def read_run(workdir: str) -> dict:
+  """{'records': [...], 'tokens_per_step': int} of a run directory."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise ValueError(f'{path} does not exist: is {workdir} the --workdir of '
+                     'a training run?')
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill
+  if not records:
+    raise ValueError(f'{path} holds no metrics yet.')
+  tokens_per_step = None
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      config = json.load(f)
+    tokens_per_step = config['batch_size'] * config['seq_len']
+  return {'records': records, 'tokens_per_step': tokens_per_step}
+
+
+def series(records, key):
+  """(steps, values) of the records that hold KEY, in step order."""
+  points = sorted((r['step'], r[key]) for r in records if key in r)
+  return [s for s, _ in points], [v for _, v in points]
+
+
+def draw(runs, out: str):
+  """runs: [(label, read_run(...)), ...] -> a PNG at OUT."""
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for col, x_name in enumerate(('step', 'tokens')):
+    for row, (title, train_key, eval_key) in enumerate(PANELS):
+      ax = axes[row][col]
+      for i, (label, run) in enumerate(runs):
+        scale = 1 if x_name == 'step' else run['tokens_per_step']
+        if scale is None:
+          continue  # no config.json: no token axis for this run
+        color = colors[i % len(colors)]
+        for key, style, suffix in ((train_key, '--', 'train'),
+                                   (eval_key, '-', 'eval')):
+          steps, values = series(run['records'], key)
+          if steps:
+            ax.plot([s * scale for s in steps], values, style, color=color,
+                    label=f'{label} {suffix}', marker='.' if len(steps) < 20
+                    else None)
+      ax.set_title(title)
+      ax.set_xlabel('step' if x_name == 'step' else
+                    'tokens (batch x seq_len x step)')
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  workdirs = _WORKDIRS.value
+  labels = _LABELS.value or [os.path.basename(os.path.normpath(w))
+                             for w in workdirs]
+  if len(labels) != len(workdirs):
+    raise app.UsageError(f'{len(labels)} --label for {len(workdirs)} '
+                         '--workdir; give one per run or none.')
+  runs = [(label, read_run(w)) for label, w in zip(labels, workdirs)]
+  out = _OUT.value or os.path.join(workdirs[0], 'curves.png')
+  draw(runs, out)
+  print(f'Wrote {out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
