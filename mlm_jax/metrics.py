@@ -38,13 +38,18 @@ def peak_flops_per_device(override_tflops: float) -> Optional[float]:
 def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
   """FLOPs of one training step (forward + backward = 3x forward).
 
-  Counts matmuls on real (non-pad) tokens, bidirectional attention in full
-  (every query against all seq_len keys), and the MLM head at every executed
-  prediction slot (the sparse head runs on max_predictions slots per row).
+  Counts matmuls on real (non-pad) tokens, i.e. 6 x the non-embedding
+  parameters per token; bidirectional attention in full (every query against
+  all seq_len keys, local layers included, since the mask is applied to a
+  full score matrix); and the MLM head at every executed prediction slot
+  (the sparse head runs on max_predictions slots per row).
   """
   d, f = cfg.hidden_dim, cfg.mlp_dim
-  per_token = cfg.num_layers * (2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d)
-  per_prediction = 2 * (d * d + d * cfg.vocab_size)
+  mlp_matrices = 3 if cfg.activation == 'geglu' else 2  # GeGLU: two in, one out
+  per_token = cfg.num_layers * (2 * (4 * d * d + mlp_matrices * d * f) +
+                                4 * seq_len * d)
+  # The decoder runs over the padded vocabulary.
+  per_prediction = 2 * (d * d + d * cfg.padded_vocab_size)
   return 3.0 * (real_tokens * per_token + predictions * per_prediction)
 
 

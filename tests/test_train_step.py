@@ -1,11 +1,13 @@
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import base
 from mlm_jax import masking
+from mlm_jax import metrics
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
@@ -103,3 +105,21 @@ def test_decay_mask_is_by_name_under_scan_layers():
   assert mask == {'blocks': {'mlp': {'bias': False, 'kernel': True},
                              'norm': {'scale': False}},
                   'word': {'embedding': True}}
+
+
+def test_train_flops_is_six_times_the_non_embedding_params_per_token():
+  """Matmul FLOPs per token = 6 x non-embedding matrix parameters (+ the
+  attention scores, 12 x layers x width x length; + the head per slot)."""
+  for activation in ('gelu', 'geglu'):
+    cfg = model.ModelConfig(vocab_size=1000, num_layers=2, hidden_dim=64,
+                            num_heads=2, mlp_dim=256, activation=activation,
+                            vocab_multiple=128)
+    params = nnx.state(model.create(cfg, jax.random.key(0)), nnx.Param)
+    matrices = sum(
+        x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if x.ndim == 2 and 'blocks' in jax.tree_util.keystr(path))
+    per_token = metrics.train_flops(cfg, seq_len=16, real_tokens=1,
+                                    predictions=0)
+    assert per_token == 6 * matrices + 12 * 2 * 64 * 16
+    per_prediction = metrics.train_flops(cfg, 16, 0, 1)
+    assert per_prediction == 6 * (64 * 64 + 64 * 1024)
