@@ -16,12 +16,24 @@ The mask of a row depends only on the key and the row's example id (its
 index in the global data stream), never on the batch layout or on how many
 devices or hosts there are.
 
+Speed (the token strategy runs inside every train step): the whole batch is
+drawn at once, as uint32 words of Threefry-2x32 (JAX's PRNG function) keyed
+from `key` and counted by (example id, draw number), written out unrolled so
+that XLA fuses it (on CPU, `jax.random` runs it as a loop of small kernels).
+The token strategy needs about 2.5 words per prediction slot rather than one
+per token: Floyd's algorithm draws the K-subset, and rows are handled as
+bitsets of 32 tokens per uint32, so sorting the chosen positions and mapping
+them back to the row are bit counts. BENCHMARKS.md has the figures.
+
 Shapes: B batch, L sequence length, K = `max_predictions`, a static bound on
 the predictions per row; rows with fewer are padded with weight 0. Word
-arrays are indexed by word number and have L slots (W = L).
+arrays are indexed by word number and have L slots (W = L). N = ceil(L / 32),
+the uint32 words of a row's bitset (bit i of word w is token 32 * w + i).
 """
 import dataclasses
-from typing import NamedTuple, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +42,10 @@ import numpy as np
 STRATEGIES = ('token', 'whole_word', 'span')
 # Values of `Masked.kinds_BxK`: what happened to the input at that position.
 REPLACED_MASK, REPLACED_RANDOM, KEPT = 0, 1, 2
+_U32 = jnp.uint32
+# Threefry-2x32 rotation constants (Salmon et al., SC'11, "Parallel random
+# numbers: as easy as 1, 2, 3"), used by alternate groups of four rounds.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
 class Masked(NamedTuple):
@@ -78,42 +94,210 @@ def rate_at(step, *, schedule: str, rate: float, final_rate: float,
                    "'linear' or 'cosine'.")
 
 
-def _random_nonspecial(key, shape, vocab_size: int, special_ids: Sequence[int]):
+# ---------------------------------------------------------------------------
+# Random words.
+
+def _threefry2x32(key0, key1, x0, x1):
+  """Threefry-2x32, 20 rounds, of the counter (x0, x1) under (key0, key1).
+
+  The function `jax.random` uses for threefry keys (the tests check it bit
+  for bit), unrolled: XLA:CPU lowers JAX's primitive as a rolled loop.
+  """
+  keys = (key0, key1, key0 ^ key1 ^ _U32(0x1BD11BDA))
+  x0, x1 = x0 + keys[0], x1 + keys[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << _U32(r)) | (x1 >> _U32(32 - r))) ^ x0
+    x0 = x0 + keys[(block + 1) % 3]
+    x1 = x1 + keys[(block + 2) % 3] + _U32(block + 1)
+  return x0, x1
+
+
+def _seed(key):
+  """Two uint32 words derived from `key` that key this module's Threefry.
+
+  For a threefry key, its hash at a counter no `jax.random` call reaches
+  (flat index 2**64 - 1), unrolled; for other kinds of key, their bits.
+  """
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if typed and str(jax.random.key_impl(key)) != 'threefry2x32':
+    return tuple(jax.random.bits(key, (2,), jnp.uint32))
+  data = jax.random.key_data(key) if typed else key
+  return _threefry2x32(data[0], data[1], _U32(0xFFFFFFFF), _U32(0xFFFFFFFF))
+
+
+def _random_words(key, example_ids_B, num: int) -> jax.Array:
+  """[B, num] independent uniform uint32 words; row b's depend only on
+  (key, example_ids_B[b]): Threefry of the counter (example id, j)."""
+  seed = _seed(key)
+  shape = (example_ids_B.shape[0], num)
+  words, _ = _threefry2x32(
+      seed[0], seed[1],
+      jnp.broadcast_to(example_ids_B.astype(_U32)[:, None], shape),
+      jax.lax.broadcasted_iota(_U32, shape, 1))
+  # Materialized once: otherwise XLA recomputes the hash in every consumer.
+  return jax.lax.optimization_barrier(words)
+
+
+def _mul_high(a, b):
+  """floor(a * b / 2**32) for uint32 a, b, exactly, in 32-bit arithmetic."""
+  a, b = a.astype(_U32), jnp.asarray(b).astype(_U32)
+  low = _U32(0xFFFF)
+  a0, a1, b0, b1 = a & low, a >> 16, b & low, b >> 16
+  cross = ((a0 * b0) >> 16) + ((a1 * b0) & low) + a0 * b1  # < 2**32
+  return a1 * b1 + ((a1 * b0) >> 16) + (cross >> 16)
+
+
+def _below(words, n):
+  """Integers in [0, n) from uniform uint32 words: floor(word * n / 2**32).
+
+  Each value has probability floor(2**32 / n) / 2**32 or one 2**-32 more:
+  uniform to within n / 2**32 relative (1e-5 for BERT's vocabulary).
+  """
+  return _mul_high(words, n).astype(jnp.int32)
+
+
+def _random_nonspecial(words, vocab_size: int, special_ids: Sequence[int]):
   """Uniform over [0, vocab_size) minus `special_ids`, without a lookup table.
 
-  Draw r in [0, V - S) and shift it past each special id in increasing order;
+  Take r in [0, V - S) and shift it past each special id in increasing order;
   this is a bijection onto the non-special ids, so the result stays uniform.
   """
-  specials = sorted(set(int(s) for s in special_ids if 0 <= s < vocab_size))
-  ids = jax.random.randint(key, shape, 0, vocab_size - len(specials), jnp.int32)
+  specials = sorted({int(s) for s in special_ids if 0 <= s < vocab_size})
+  ids = _below(words, vocab_size - len(specials))
   for s in specials:
     ids = ids + (ids >= s).astype(jnp.int32)
   return ids
 
 
-def _choose_tokens(key, maskable_L, k):
-  """Exactly k maskable tokens, uniformly at random, without sorting.
+def _kinds(words, num: int, mask_prob: float, random_prob: float):
+  """[B, num] kinds from 16-bit halves of [B, ceil(num / 2)] words.
 
-  Each maskable token gets a distinct integer score (random high bits, its
-  position in the low bits, top bit set); the k-th largest score is found
-  bit by bit (radix select), and the tokens at or above it are chosen.
-  Sorting (top_k) is several times slower on CPU. Ties in the random bits
-  (24 of them for L = 128) are broken by position: a negligible bias.
+  The probabilities are rounded to multiples of 2**-16.
   """
-  seq_len = maskable_L.shape[0]
-  pos_bits = max(int(np.ceil(np.log2(seq_len))), 1)
-  random_L = jax.random.bits(key, (seq_len,), jnp.uint32) >> (pos_bits + 1)
-  scores_L = jnp.where(
-      maskable_L,
-      jnp.uint32(1 << 31) | (random_L << pos_bits) |
-      jnp.arange(seq_len, dtype=jnp.uint32), jnp.uint32(0))
+  halves = jnp.concatenate([words >> 16, words & _U32(0xFFFF)], 1)[:, :num]
+  to_mask = _U32(round(mask_prob * 65536))
+  to_random = _U32(round((mask_prob + random_prob) * 65536))
+  return jnp.where(halves < to_mask, REPLACED_MASK,
+                   jnp.where(halves < to_random, REPLACED_RANDOM,
+                             KEPT)).astype(jnp.int32)
 
-  def try_bit(bit, threshold):
-    candidate = threshold | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
-    return jnp.where(jnp.sum(scores_L >= candidate) >= k, candidate, threshold)
 
-  threshold = jax.lax.fori_loop(0, 32, try_bit, jnp.uint32(0))
-  return (scores_L >= threshold) & maskable_L & (k > 0)
+# ---------------------------------------------------------------------------
+# Rows as bitsets: 32 tokens per uint32 word.
+
+def _bitset(flags_BxL) -> jax.Array:
+  """[B, N] uint32: bit i of word w is flags_BxL[:, 32 * w + i]."""
+  batch, seq_len = flags_BxL.shape
+  num_words = -(-seq_len // 32)
+  padded = jnp.pad(flags_BxL, ((0, 0), (0, 32 * num_words - seq_len)))
+  bits = padded.reshape(batch, num_words, 32).astype(_U32)
+  return jnp.sum(bits << jnp.arange(32, dtype=_U32), 2, dtype=_U32)
+
+
+def _popcount(words):
+  return jax.lax.population_count(words).astype(jnp.int32)
+
+
+def _nth_set_bit(words_BxN, n_BxK):
+  """Index of the n-th (from 0) set bit of each row's bitset, [B, K].
+
+  Garbage where n >= the row's bit count; callers mask those slots.
+  """
+  counts = _popcount(words_BxN)
+  word_BxK = jnp.zeros_like(n_BxK)
+  before_BxK = jnp.zeros_like(n_BxK)  # set bits in the words before
+  total_B = counts[:, 0]
+  for w in range(1, words_BxN.shape[1]):
+    later = total_B[:, None] <= n_BxK
+    word_BxK = jnp.where(later, w, word_BxK)
+    before_BxK = jnp.where(later, total_B[:, None], before_BxK)
+    total_B = total_B + counts[:, w]
+  x = jnp.broadcast_to(words_BxN[:, :1], n_BxK.shape)
+  for w in range(1, words_BxN.shape[1]):
+    x = jnp.where(word_BxK == w, words_BxN[:, w:w + 1], x)
+  n = n_BxK - before_BxK
+  bit = jnp.zeros_like(n_BxK)
+  for width in (16, 8, 4, 2, 1):  # binary search within the word
+    low = _popcount(x & _U32((1 << width) - 1))
+    high = n >= low
+    n = jnp.where(high, n - low, n)
+    x = jnp.where(high, x >> _U32(width), x)
+    bit = bit + jnp.where(high, width, 0)
+  return 32 * word_BxK + bit
+
+
+# ---------------------------------------------------------------------------
+# Strategies.
+
+def _floyd(words_BxK, n_B, k_B):
+  """k distinct ordinals in [0, n) per row, uniformly (Floyd's algorithm).
+
+  Floyd: for j = n - k, ..., n - 1, draw t uniform in [0, j]; take t, or j
+  if t was taken. Returns [B, K] ordinals, unordered; slots >= k are junk.
+  Step i takes j_i exactly when t_i equals an earlier t, or equals j_p for
+  an earlier step p that took j_p, so only that yes/no is sequential. It is
+  carried as bits of uint32 words, up to 32 steps unrolled per loop turn.
+  """
+  batch, max_k = words_BxK.shape
+  per_turn = min(max_k, 32)
+  turns = -(-max_k // per_turn)
+  step_K = jnp.arange(per_turn * turns, dtype=jnp.int32)
+  first_B1 = (n_B - k_B)[:, None]
+  j_BxK = first_B1 + step_K
+  t_BxK = (words_BxK % (j_BxK[:, :max_k] + 1).astype(_U32)).astype(jnp.int32)
+  earlier_KxK = np.tril(np.ones((max_k, max_k), bool), -1)
+  repeat_BxK = jnp.any((t_BxK[:, :, None] == t_BxK[:, None, :]) &
+                       earlier_KxK, 2)
+  t_BxK, repeat_BxK = (jnp.pad(x, ((0, 0), (0, per_turn * turns - max_k)))
+                       for x in (t_BxK, repeat_BxK))
+  p_BxK = t_BxK - first_B1  # t_i == j_p
+  p_BxK = jnp.where((p_BxK >= 0) & (p_BxK < step_K), p_BxK, -1)
+  repeat_BxTxS = repeat_BxK.reshape(batch, turns, per_turn)
+  p_BxTxS = p_BxK.reshape(batch, turns, per_turn)
+
+  def turn(c, took_j_BxT):
+    repeat_BxS = jax.lax.dynamic_index_in_dim(repeat_BxTxS, c, 1, False)
+    p_BxS = jax.lax.dynamic_index_in_dim(p_BxTxS, c, 1, False)
+    bits_B = jnp.zeros(batch, _U32)
+    for s in range(per_turn):
+      p_B = p_BxS[:, s]
+      word_B = bits_B
+      for w in range(turns - 1):  # p in an earlier turn's word
+        word_B = jnp.where(((p_B >> 5) == w) & (w < c), took_j_BxT[:, w],
+                           word_B)
+      took = repeat_BxS[:, s] | (
+          (p_B >= 0) & (((word_B >> (p_B & 31).astype(_U32)) & 1) == 1))
+      bits_B = bits_B | (took.astype(_U32) << s)
+    return jax.lax.dynamic_update_index_in_dim(took_j_BxT, bits_B, c, 1)
+
+  took_j_BxT = jax.lax.fori_loop(0, turns, turn,
+                                 jnp.zeros((batch, turns), _U32))
+  took_j_BxK = ((jnp.repeat(took_j_BxT, per_turn, 1) >>
+                 (step_K % per_turn).astype(_U32)) & 1) == 1
+  return jnp.where(took_j_BxK, j_BxK, t_BxK)[:, :max_k]
+
+
+def _choose_tokens(words_BxK, maskable_BxN, k_B):
+  """Exactly k maskable tokens per row, uniformly: their positions, ascending.
+
+  Floyd picks k ordinals among the row's n maskable tokens; the ordinals'
+  bitset lists them in order, and the o-th set bit of the maskable bitset
+  is the position of ordinal o.
+  """
+  max_k = words_BxK.shape[1]
+  num_words = maskable_BxN.shape[1]
+  ordinals_BxK = _floyd(words_BxK, jnp.sum(_popcount(maskable_BxN), 1), k_B)
+  valid_BxK = jnp.arange(max_k) < k_B[:, None]
+  in_word_BxKxN = (ordinals_BxK[:, :, None] >> 5) == jnp.arange(num_words)
+  one_bit_BxK = _U32(1) << (ordinals_BxK & 31).astype(_U32)
+  chosen_BxN = jnp.sum(jnp.where(in_word_BxKxN & valid_BxK[:, :, None],
+                                 one_bit_BxK[:, :, None], _U32(0)), 1,
+                       dtype=_U32)  # distinct bits, so the sum is an OR
+  slot_BxK = jnp.broadcast_to(jnp.arange(max_k, dtype=jnp.int32),
+                              valid_BxK.shape)
+  return _nth_set_bit(maskable_BxN, _nth_set_bit(chosen_BxN, slot_BxK))
 
 
 def _words(ids_L, maskable_L, word_start_V):
@@ -183,46 +367,14 @@ def _choose_spans(key, word_L, len_W, run_W, num_words, k, *, p, max_words,
   return _tokens_of_words(word_L, taken_W), spans
 
 
-def _mask_row(key, ids_L, rate, *, strategy, word_start_V, special_ids,
-              mask_id, vocab_size, mask_prob, random_prob, max_predictions,
-              span_p, span_max_words):
-  seq_len = ids_L.shape[0]
-  select_key, kind_key, random_key = jax.random.split(key, 3)
-  maskable_L = ~jnp.isin(ids_L, jnp.asarray(list(special_ids), jnp.int32))
-  num_maskable = jnp.sum(maskable_L)
-  k = jnp.minimum(num_predictions(num_maskable, rate), max_predictions)
-  if strategy == 'token':
-    chosen_L = _choose_tokens(select_key, maskable_L, k)
-    units = jnp.sum(chosen_L)
-  else:
-    word_L, len_W, run_W, num_words = _words(ids_L, maskable_L, word_start_V)
-    if strategy == 'whole_word':
-      chosen_L, units = _choose_whole_words(select_key, word_L, len_W,
-                                            num_words, k)
-    else:
-      chosen_L, units = _choose_spans(
-          select_key, word_L, len_W, run_W, num_words, k, p=span_p,
-          max_words=span_max_words, attempts=max_predictions + 8)
-  # Chosen positions, ascending, packed into K slots (at most K are chosen).
-  slot_L = jnp.where(chosen_L, jnp.cumsum(chosen_L) - 1, max_predictions)
-  positions_K = jnp.zeros(max_predictions, jnp.int32).at[slot_L].set(
-      jnp.arange(seq_len, dtype=jnp.int32), mode='drop')
-  valid_K = jnp.arange(max_predictions) < jnp.sum(chosen_L)
-  targets_K = ids_L[positions_K]
-
-  u_K = jax.random.uniform(kind_key, (max_predictions,))
-  kinds_K = jnp.where(u_K < mask_prob, REPLACED_MASK,
-                      jnp.where(u_K < mask_prob + random_prob,
-                                REPLACED_RANDOM, KEPT)).astype(jnp.int32)
-  random_K = _random_nonspecial(random_key, (max_predictions,), vocab_size,
-                                special_ids)
-  new_K = jnp.where(kinds_K == REPLACED_MASK, mask_id,
-                    jnp.where(kinds_K == REPLACED_RANDOM, random_K, targets_K))
-  # Unused slots point past the row and are dropped.
-  inputs_L = ids_L.at[jnp.where(valid_K, positions_K, seq_len)].set(
-      new_K, mode='drop')
-  return Masked(inputs_L, positions_K, targets_K, valid_K.astype(jnp.float32),
-                kinds_K, num_maskable, units)
+def _choose_words_row(key, ids_L, maskable_L, k, *, strategy, word_start_V,
+                      max_predictions, span_p, span_max_words):
+  """One row's chosen tokens [L] bool and units, for the word strategies."""
+  word_L, len_W, run_W, num_words = _words(ids_L, maskable_L, word_start_V)
+  if strategy == 'whole_word':
+    return _choose_whole_words(key, word_L, len_W, num_words, k)
+  return _choose_spans(key, word_L, len_W, run_W, num_words, k, p=span_p,
+                       max_words=span_max_words, attempts=max_predictions + 8)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -235,7 +387,7 @@ class Masker:
   strategy: str = 'token'
   mask_prob: float = 0.8
   random_prob: float = 0.1
-  word_start_V: Optional[np.ndarray] = None  # [V] bool, for word strategies
+  word_start_V: np.ndarray | None = None  # [V] bool, for word strategies
   span_p: float = 0.2
   span_max_words: int = 10
 
@@ -246,34 +398,80 @@ class Masker:
     if not 0.0 <= self.mask_prob + self.random_prob <= 1.0:
       raise ValueError(f'mask_prob + random_prob must be in [0, 1], got '
                        f'{self.mask_prob} + {self.random_prob}.')
-    if self.strategy != 'token':
-      if self.word_start_V is None or len(self.word_start_V) != self.vocab_size:
-        raise ValueError(f'The {self.strategy} strategy needs word_start_V, a '
-                         f'[vocab_size={self.vocab_size}] bool array from the '
-                         'tokenizer.')
+    if self.strategy != 'token' and (
+        self.word_start_V is None or len(self.word_start_V) != self.vocab_size):
+      raise ValueError(f'The {self.strategy} strategy needs word_start_V, a '
+                       f'[vocab_size={self.vocab_size}] bool array from the '
+                       'tokenizer.')
     if not 0 < self.span_p <= 1 or self.span_max_words < 1:
       raise ValueError('span_p must be in (0, 1] and span_max_words >= 1, got '
                        f'{self.span_p} and {self.span_max_words}.')
 
   def __call__(self, key, ids_BxL, example_ids_B=None, rate=0.15) -> Masked:
-    """Masks each row with fold_in(key, its example id); ids default 0..B-1."""
+    """Masks each row by `key` and its example id; ids default to 0..B-1."""
     batch, seq_len = ids_BxL.shape
-    if not 0 < self.max_predictions <= seq_len:
-      raise ValueError(f'max_predictions={self.max_predictions} must be in '
+    max_k = self.max_predictions
+    if not 0 < max_k <= seq_len:
+      raise ValueError(f'max_predictions={max_k} must be in '
                        f'[1, seq_len={seq_len}].')
     if example_ids_B is None:
       example_ids_B = jnp.arange(batch)
-    word_start_V = (jnp.zeros((self.vocab_size,), bool)
-                    if self.word_start_V is None
-                    else jnp.asarray(self.word_start_V, bool))
-    keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids_B)
-    row = lambda k, ids: _mask_row(
-        k, ids, rate, strategy=self.strategy, word_start_V=word_start_V,
-        special_ids=self.special_ids, mask_id=self.mask_id,
-        vocab_size=self.vocab_size, mask_prob=self.mask_prob,
-        random_prob=self.random_prob, max_predictions=self.max_predictions,
-        span_p=self.span_p, span_max_words=self.span_max_words)
-    return jax.vmap(row)(keys_B, ids_BxL)
+    return self._mask(key, ids_BxL, example_ids_B, rate)
+
+  # Jitted (with the Masker as a static argument, hashed by identity), so an
+  # eager call runs one program; inside a jitted train step it is inlined.
+  @functools.partial(jax.jit, static_argnums=0)
+  def _mask(self, key, ids_BxL, example_ids_B, rate) -> Masked:
+    batch, seq_len = ids_BxL.shape
+    max_k = self.max_predictions
+    maskable_BxL = jnp.ones((batch, seq_len), bool)
+    for s in set(self.special_ids):
+      maskable_BxL = maskable_BxL & (ids_BxL != s)
+    maskable_BxN = _bitset(maskable_BxL)
+    maskable_B = jnp.sum(_popcount(maskable_BxN), 1)
+    k_B = jnp.minimum(num_predictions(maskable_B, rate), max_k)
+    # Words [0, K): random ids; [K, K + K/2): kinds; then the token choice.
+    num_kind_words = -(-max_k // 2)
+    words_BxT = _random_words(
+        key, example_ids_B,
+        max_k + num_kind_words + (max_k if self.strategy == 'token' else 0))
+    slot_BxK = jnp.broadcast_to(jnp.arange(max_k, dtype=jnp.int32),
+                                (batch, max_k))
+    if self.strategy == 'token':
+      positions_BxK = _choose_tokens(words_BxT[:, max_k + num_kind_words:],
+                                     maskable_BxN, k_B)
+      units_B = k_B
+    else:
+      word_start_V = jnp.asarray(self.word_start_V, bool)
+      # The word strategies draw from per-row keys (their own jax.random).
+      keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids_B)
+      row = lambda key, ids_L, maskable_L, k: _choose_words_row(
+          jax.random.split(key, 3)[0], ids_L, maskable_L, k,
+          strategy=self.strategy, word_start_V=word_start_V,
+          max_predictions=max_k, span_p=self.span_p,
+          span_max_words=self.span_max_words)
+      chosen_BxL, units_B = jax.vmap(row)(keys_B, ids_BxL, maskable_BxL, k_B)
+      chosen_BxN = _bitset(chosen_BxL)
+      k_B = jnp.sum(_popcount(chosen_BxN), 1)  # at most the budget
+      positions_BxK = _nth_set_bit(chosen_BxN, slot_BxK)
+    valid_BxK = slot_BxK < k_B[:, None]
+    positions_BxK = jnp.where(valid_BxK, positions_BxK, 0)
+    targets_BxK = jnp.take_along_axis(ids_BxL, positions_BxK, 1)
+    kinds_BxK = _kinds(words_BxT[:, max_k:max_k + num_kind_words], max_k,
+                       self.mask_prob, self.random_prob)
+    random_BxK = _random_nonspecial(words_BxT[:, :max_k], self.vocab_size,
+                                    self.special_ids)
+    new_BxK = jnp.where(kinds_BxK == REPLACED_MASK, self.mask_id,
+                        jnp.where(kinds_BxK == REPLACED_RANDOM, random_BxK,
+                                  targets_BxK))
+    # Unused slots point past the row and are dropped.
+    inputs_BxL = ids_BxL.at[
+        jnp.arange(batch)[:, None], jnp.where(valid_BxK, positions_BxK,
+                                              seq_len)].set(new_BxK,
+                                                            mode='drop')
+    return Masked(inputs_BxL, positions_BxK, targets_BxK,
+                  valid_BxK.astype(jnp.float32), kinds_BxK, maskable_B,
+                  units_B)
 
 
 def mask_tokens(key, ids_BxL, *, special_ids, mask_id, vocab_size, rate=0.15,

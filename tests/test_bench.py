@@ -37,20 +37,38 @@ def test_hf_tokenizer_has_our_special_ids():
 def test_masking_bench_reports_both_contenders(tmp_path):
   out = tmp_path / 'masking.json'
   cmd = [sys.executable, '-m', 'mlm_jax.bench', 'masking', '--batch_size=8',
-         '--seq_len=32', '--repeats=2', '--warmup=1', f'--json={out}']
+         '--seq_len=32', '--repeats=4', '--warmup=1', '--block=2',
+         f'--json={out}']
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       check=False,
                        timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'speedup' in run.stdout
   result = json.loads(out.read_text())
-  assert result['batch_shape'] == [8, 32] and result['repeats'] == 2
+  assert result['batch_shape'] == [8, 32] and result['repeats'] == 4
+  assert result['block'] == 2
   assert set(result['contenders']) == {'mlm_jax', 'hf'}
   for c in result['contenders'].values():
     assert c['median_s'] > 0 and c['tokens_per_s'] > 0
+  ours = result['contenders']['mlm_jax']
+  assert 0 < ours['host_median_s'] <= ours['max_s']
   assert result['speedup_ours_over_hf'] > 0
+
+
+def test_contenders_take_turns_of_block_calls():
+  calls = []
+  contenders = {name: (lambda step, name=name: calls.append((name, step)))
+                for name in ('a', 'b')}
+  times = bench._time_interleaved(contenders, warmup=1, repeats=5, block=2)
+  assert {name: len(t) for name, t in times.items()} == {'a': 5, 'b': 5}
+  # Warmup alternates; then turns of 2 (the last turn short), each turn
+  # started by the contender that went second in the turn before.
+  assert ''.join(name for name, _ in calls) == 'ab' + 'aabb' + 'bbaa' + 'ab'
+  assert [step for name, step in calls if name == 'a'] == [0, 1, 2, 3, 4, 5]
 
 
 def test_unknown_subcommand_is_a_usage_error():
   run = subprocess.run([sys.executable, '-m', 'mlm_jax.bench', 'nope'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
   assert run.returncode != 0 and 'Usage' in run.stderr

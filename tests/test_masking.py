@@ -84,12 +84,90 @@ def test_80_10_10_split_on_a_large_sample():
 
 def test_random_replacements_are_uniform_over_non_special_ids():
   # Many draws from a small vocabulary: every non-special id, none special.
-  draws = np.asarray(masking._random_nonspecial(
-      jax.random.key(6), (200_000,), 20, SPECIALS))
+  words = jax.random.bits(jax.random.key(6), (200_000,), jnp.uint32)
+  draws = np.asarray(masking._random_nonspecial(words, 20, SPECIALS))
   counts = np.bincount(draws, minlength=20)
   assert (counts[list(SPECIALS)] == 0).all()
   expected = draws.size / 15
   assert np.abs(counts[5:] - expected).max() < 0.05 * expected
+
+
+def test_threefry_is_jaxs_bit_for_bit():
+  from jax.extend.random import threefry2x32_p  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  k0, k1, x0, x1 = (jnp.asarray(rng.integers(0, 2**32, n, dtype=np.uint64),
+                                jnp.uint32) for n in (1, 1, 4096, 4096))
+  want = threefry2x32_p.bind(jnp.broadcast_to(k0, x0.shape),
+                             jnp.broadcast_to(k1, x0.shape), x0, x1)
+  got = masking._threefry2x32(k0[0], k1[0], x0, x1)
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _floyd_reference(words, n, k):
+  """Floyd's algorithm, one step at a time, with the same draws."""
+  out = []
+  for row_words, row_n, row_k in zip(words, n, k):
+    taken = []
+    for i in range(row_k):
+      j = row_n - row_k + i
+      t = int(row_words[i]) % (j + 1)
+      taken.append(j if t in taken else t)
+    out.append(taken)
+  return out
+
+
+@pytest.mark.parametrize('max_k', [19, 70])  # one loop turn, and three
+def test_floyd_matches_the_sequential_algorithm(max_k):
+  rng = np.random.default_rng(max_k)
+  batch = 2000
+  n = rng.integers(0, 2 * max_k, batch)  # small n: many repeated draws
+  k = np.minimum(np.floor(0.6 * n + 0.5), max_k).astype(int)
+  words = rng.integers(0, 2**32, (batch, max_k), dtype=np.uint64)
+  got = np.asarray(jax.jit(masking._floyd)(
+      jnp.asarray(words, jnp.uint32), jnp.asarray(n, jnp.int32),
+      jnp.asarray(k, jnp.int32)))
+  for row, want, row_k, row_n in zip(got, _floyd_reference(words, n, k), k,
+                                     n):
+    assert row[:row_k].tolist() == want
+    assert len(set(want)) == row_k and all(0 <= o < row_n for o in want)
+
+
+def test_nth_set_bit_over_several_words():
+  rng = np.random.default_rng(1)
+  flags = rng.random((300, 100)) < rng.random((300, 1))  # some rows empty
+  flags[:, 32:64] &= rng.random((300, 1)) < 0.5          # empty middle words
+  words = masking._bitset(jnp.asarray(flags))
+  n = jnp.broadcast_to(jnp.arange(100, dtype=jnp.int32), (300, 100))
+  got = np.asarray(masking._nth_set_bit(words, n))
+  for row, row_flags in zip(got, flags):
+    want = np.flatnonzero(row_flags)
+    np.testing.assert_array_equal(row[:len(want)], want)
+
+
+def test_token_choice_is_uniform_over_subsets():
+  # 8 maskable tokens among specials, K = 3: all 56 subsets equally likely.
+  row = [2, 9, 9, 3, 9, 9, 9, 3, 9, 9, 9, 0]
+  ids = jnp.tile(jnp.asarray(row, jnp.int32), (28_000, 1))
+  m = _mask(jax.random.key(22), ids, rate=0.375)
+  pos = np.asarray(m.positions_BxK)
+  assert (np.asarray(m.weights_BxK).sum(1) == 3).all()
+  codes = (1 << pos[:, :3]).sum(1)
+  subsets, counts = np.unique(codes, return_counts=True)
+  assert len(subsets) == 56
+  maskable = np.flatnonzero(~np.isin(row, SPECIALS))
+  assert np.isin(pos[:, :3], maskable).all()
+  assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_a_rows_mask_ignores_the_other_rows():
+  ids = _rows(jax.random.key(23), 16, 64)
+  masker = jax.jit(_masker('token', 10))
+  whole = masker(jax.random.key(24), ids, 100 + jnp.arange(16))
+  part = masker(jax.random.key(24), ids[5:9], 100 + jnp.arange(5, 9))
+  for field in whole._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(whole, field))[5:9],
+                                  np.asarray(getattr(part, field)))
 
 
 def test_same_key_same_mask_other_key_other_mask():
@@ -194,6 +272,54 @@ def test_realized_spans_have_the_law_mean():
   assert abs(mean - masking.mean_span_words(0.2, 10)) < 0.4, mean
 
 
+def _first_span_lengths(p, max_words, rows=20_000, num_words=64):
+  """Words in the first span of each row, and whether it ends the row.
+
+  One attempt per row, so no earlier span can reject or cut it; the budget
+  (40 words) never cuts it; one-token words and no specials leave only the
+  row's end, which the caller conditions on.
+  """
+  ids = jnp.full((num_words,), 7, jnp.int32)  # a word-start piece
+
+  def first_span(key, ids):
+    word_L, len_W, run_W, n_words = masking._words(
+        ids, jnp.ones_like(ids, bool), jnp.asarray(WORD_START_V))
+    chosen_L, spans = masking._choose_spans(
+        key, word_L, len_W, run_W, n_words, 40, p=p, max_words=max_words,
+        attempts=1)
+    return jnp.sum(chosen_L), chosen_L[-1], spans
+
+  keys = jax.random.split(jax.random.key(21), rows)
+  length, at_end, spans = map(np.asarray, jax.jit(
+      jax.vmap(first_span, (0, None)))(keys, ids))
+  assert (spans == 1).all()
+  return length, at_end
+
+
+def _span_law_pvalue(length, at_end, p, max_words, num_words=64):
+  # A span of l words at a uniform start misses the last word with
+  # probability (num_words - l) / num_words, so among those spans
+  # P(l) is proportional to span_length_probs(p)[l] * (num_words - l).
+  counts = np.bincount(length[~at_end], minlength=max_words + 1)[1:]
+  law = masking.span_length_probs(p, max_words) * (
+      num_words - np.arange(1, max_words + 1))
+  return stats.chisquare(counts, law / law.sum() * counts.sum()).pvalue
+
+
+def test_realized_span_lengths_follow_the_clipped_geometric_law():
+  length, at_end = _first_span_lengths(0.2, 10)
+  assert length.min() >= 1 and length.max() <= 10
+  assert (~at_end).sum() > 18_000  # about 6% of spans reach the end
+  # Fixed seed, so the outcome is fixed; at a true law a p-value below 1e-3
+  # would happen once in a thousand seeds.
+  assert _span_law_pvalue(length, at_end, 0.2, 10) > 1e-3
+  # The test can tell nearby laws apart: the same spans fail against them.
+  for wrong_p, wrong_max in [(0.22, 10), (0.18, 10), (0.2, 9)]:
+    clipped = np.minimum(length, wrong_max)
+    assert _span_law_pvalue(clipped if wrong_max < 10 else length, at_end,
+                            wrong_p, wrong_max) < 1e-6, (wrong_p, wrong_max)
+
+
 def test_random_replacements_pass_a_chi_square_test():
   vocab = 40
   ids = jax.random.randint(jax.random.key(17), (4096, 128), 5, vocab)
@@ -207,12 +333,13 @@ def test_random_replacements_pass_a_chi_square_test():
   assert stats.chisquare(counts[5:]).pvalue > 1e-3
 
 
-def test_masks_depend_on_example_ids_not_on_the_topology():
+@pytest.mark.parametrize('strategy', ['token', 'span'])
+def test_masks_depend_on_example_ids_not_on_the_topology(strategy):
   # One host with 8 devices masks the global batch of 16; two hosts with 4
   # devices each mask their halves, with the same global example ids.
   ids = _rows(jax.random.key(19), 16, 64)
   example_ids = 1000 + jnp.arange(16)
-  masker = _masker('span', 10)
+  masker = _masker(strategy, 10)
   devices = np.asarray(jax.devices())
   assert devices.size == 8
 
