@@ -77,6 +77,11 @@ def get_config(arg=None):
   c.data.vocab_size = 8192        # vocabulary size when training a tokenizer
   c.data.eval_fraction = 0.05     # fraction of documents held out for eval
 
+  c.parallelism = 'pjit'          # 'pjit': jit over the mesh with shardings; 'pmap': data parallel, replicated state
+  c.grad_accum_steps = 1          # micro-batches per update (each batch_size / this rows; one's activations alive)
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                # data-parallel devices; -1 = all
+  c.mesh.data = -1                # data-parallel devices (batch split, state replicated); one axis may be -1 = the rest
+  c.mesh.fsdp = 1                 # fully sharded data-parallel devices (batch split, params + optimizer state sharded)
+  c.mesh.tensor = 1               # tensor-parallel devices (attention heads and MLP split)
+  c.mesh.dcn_data = 1             # slices (data-parallel across DCN); the sizes above are per slice
   return c

@@ -19,6 +19,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from mlm_jax import sharding
+
 if TYPE_CHECKING:
   from mlm_jax import model as model_lib
 
@@ -125,7 +127,8 @@ class SelfAttention(nnx.Module):
                rngs):
     b, l, d = x_BxLxD.shape
     h = self.num_heads
-    split = lambda t: t.reshape(b, l, h, d // h)
+    split = lambda t: sharding.constrain(t.reshape(b, l, h, d // h), 'batch',
+                                         'length', 'heads', None)
     q_BxLxHxDh = split(self.query(x_BxLxD))
     k_BxLxHxDh = split(self.key(x_BxLxD))
     if self.rope_base is not None:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mlm_jax import attention
+from mlm_jax import sharding
 
 # name -> (num_layers, hidden_dim, num_heads, mlp_dim): Google's BERT sizes.
 PRESETS = {
@@ -238,7 +239,8 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def _mlp(self, x_BxLxD):
-    h_BxLxF = self.mlp_in(x_BxLxD)
+    h_BxLxF = sharding.constrain(self.mlp_in(x_BxLxD), 'batch', 'length',
+                                 'mlp')
     if self.glu:
       h_BxLxF, gate_BxLxF = jnp.split(h_BxLxF, 2, axis=-1)
       h_BxLxF = self.act(h_BxLxF) * gate_BxLxF
@@ -307,6 +309,9 @@ class Encoder(nnx.Module):
           ids_BxL.shape[1], cfg.local_window)
     x_BxLxD = self.embeddings(ids_BxL, positions_BxL, token_types_BxL,
                               deterministic=deterministic, rngs=rngs)
+    # Activations: rows split over the batch axes, features whole.
+    pin = lambda x: sharding.constrain(x, 'batch', 'length', None)
+    x_BxLxD = pin(x_BxLxD)
     layer_key = None
     if not deterministic and rngs is not None:
       layer_key = rngs.dropout()
@@ -326,8 +331,8 @@ class Encoder(nnx.Module):
 
       def body(x_BxLxD, layer_params_and_index):
         layer_params, i = layer_params_and_index
-        return apply(layer_params, x_BxLxD, allowed(i), positions_BxL,
-                     key_of(i)), None
+        return pin(apply(layer_params, x_BxLxD, allowed(i), positions_BxL,
+                         key_of(i))), None
 
       x_BxLxD, _ = jax.lax.scan(body, x_BxLxD,
                                 (params, jnp.arange(cfg.num_layers)))
@@ -342,6 +347,7 @@ class Encoder(nnx.Module):
           graphdef, params = nnx.split(block)
           x_BxLxD = self._layer_fn(graphdef, deterministic)(
               params, x_BxLxD, allowed(i), positions_BxL, key_of(i))
+        x_BxLxD = pin(x_BxLxD)
     if self.final_norm is not None:
       x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD

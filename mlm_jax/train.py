@@ -94,29 +94,81 @@ def _forward(params, graphdef, masked, segment_ids_BxL, dropout_key):
   return logits_BxKxV, loss_BxK
 
 
+def _split_micro(x, n: int):
+  """[B, ...] -> [n, B/n, ...]; micro-batch a holds rows a, n + a, 2n + a, ...
+
+  Strided, so each device's contiguous block of rows splits evenly into the
+  micro-batches and no row moves between devices.
+  """
+  return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx,
-               masker: masking.Masker, rate_fn):
+               masker: masking.Masker, rate_fn, grad_accum_steps: int = 1,
+               axis_name=None):
   """One optimizer update on a global batch; returns (state, metrics).
 
   Row b of the batch is example `step * B + b` of the data stream; its mask
-  is drawn from that id, so masks do not depend on the device layout.
+  is drawn from that id, so masks do not depend on the device layout or on
+  accumulation. The loss is sum(loss * weight) / total weight of the whole
+  batch; with `grad_accum_steps` = n > 1 the batch is masked whole, split
+  into n micro-batches, and their gradients (each already divided by the
+  total weight) are summed in a lax.scan: the result is the full batch's
+  gradient, and only one micro-batch's activations are alive at a time.
+
+  `axis_name` (under pmap) makes `batch` this device's rows: gradients and
+  (sum, weight) metrics are psummed over that axis, which is exact where a
+  pmean of per-device means would not be.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mask_key, dropout_key = jax.random.split(key)
-  batch_size = batch['input_ids'].shape[0]
-  example_ids_B = state.step * batch_size + jnp.arange(batch_size)
+  local_size = batch['input_ids'].shape[0]
+  if axis_name is None:
+    reduce = lambda tree: tree
+    batch_size, first_row = local_size, 0
+  else:
+    reduce = functools.partial(jax.lax.psum, axis_name=axis_name)
+    batch_size = local_size * jax.lax.axis_size(axis_name)
+    first_row = jax.lax.axis_index(axis_name) * local_size
+    dropout_key = jax.random.fold_in(dropout_key,
+                                     jax.lax.axis_index(axis_name))
+  example_ids_B = state.step * batch_size + first_row + jnp.arange(local_size)
   masked = masker(mask_key, batch['input_ids'], example_ids_B,
                   rate_fn(state.step))
+  total_weight = jnp.maximum(reduce(masked.weights_BxK.sum()), 1.0)
 
-  def loss_fn(params):
-    logits_BxKxV, loss_BxK = _forward(params, graphdef, masked,
+  def micro_step(params, micro_masked, segment_ids_BxL, micro_key):
+    """(loss share, gradient share, metrics) of some rows of the batch."""
+    def loss_fn(params):
+      logits_BxKxV, loss_BxK = _forward(params, graphdef, micro_masked,
+                                        segment_ids_BxL, micro_key)
+      loss = jnp.sum(loss_BxK * micro_masked.weights_BxK) / total_weight
+      return loss, (logits_BxKxV, loss_BxK)
+
+    (loss, (logits_BxKxV, loss_BxK)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    return loss, grads, mlm_metrics(logits_BxKxV, micro_masked, loss_BxK)
+
+  if grad_accum_steps == 1:
+    loss, grads, metrics = micro_step(state.params, masked,
                                       batch['segment_ids'], dropout_key)
-    weight = jnp.maximum(masked.weights_BxK.sum(), 1.0)
-    return jnp.sum(loss_BxK * masked.weights_BxK) / weight, (logits_BxKxV,
-                                                             loss_BxK)
+  else:
+    micro = jax.tree.map(functools.partial(_split_micro, n=grad_accum_steps),
+                         (masked, batch['segment_ids']))
 
-  (loss, (logits_BxKxV, loss_BxK)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+    def body(carry, xs):
+      (micro_masked, segment_ids_BxL), i = xs
+      out = micro_step(state.params, micro_masked, segment_ids_BxL,
+                       jax.random.fold_in(dropout_key, i))
+      return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(micro_step, state.params, *first, dropout_key))
+    (loss, grads, metrics), _ = jax.lax.scan(
+        body, zeros, (micro, jnp.arange(grad_accum_steps)))
+  loss, grads, metrics = reduce((loss, grads, metrics))
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -126,8 +178,10 @@ def train_step(state: TrainState, batch, *, graphdef, tx,
   params, opt_state = jax.tree.map(
       lambda new, old: jnp.where(finite, new, old),
       (params, opt_state), (state.params, state.opt_state))
-  metrics = mlm_metrics(logits_BxKxV, masked, loss_BxK)
-  metrics.update(mask_telemetry(masked, masker.special_ids))
+  telemetry = reduce(mask_telemetry(masked, masker.special_ids))
+  # Special tokens chosen per step (a count, not a per-device mean).
+  telemetry['special_masked'] = telemetry['special_masked'].at[1].set(1.0)
+  metrics.update(telemetry)
   metrics['grad_norm'] = jnp.stack([grad_norm, 1.0])
   # Leave a bad step out of the averages (NaN * 0 is NaN, hence where).
   metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
@@ -195,6 +249,17 @@ def validate_config(config):
         f'mask.max_predictions={config.mask.max_predictions} is below '
         f'round(max rate * seq_len)={needed}, so rows would be truncated; set it '
         f'to 0 (automatic) or >= {needed}.')
+  if config.parallelism not in ('pjit', 'pmap'):
+    raise ValueError(f"parallelism={config.parallelism!r} must be 'pjit' or "
+                     "'pmap'.")
+  if config.parallelism == 'pmap' and (config.mesh.fsdp != 1 or
+                                       config.mesh.tensor != 1):
+    raise ValueError('parallelism=pmap is data parallel only: set mesh.fsdp=1 '
+                     f'and mesh.tensor=1 (got {config.mesh.fsdp} and '
+                     f'{config.mesh.tensor}), or use parallelism=pjit.')
+  if config.grad_accum_steps < 1:
+    raise ValueError(f'grad_accum_steps={config.grad_accum_steps} must be '
+                     '>= 1.')
   if config.nonfinite not in ('stop', 'skip'):
     raise ValueError(f"nonfinite={config.nonfinite!r} must be 'stop' or "
                      "'skip'.")
@@ -218,11 +283,22 @@ def most_frequent_token(source, special_ids, max_rows: int = 4096) -> int:
 
 def init_state(mcfg, config, tx, mesh):
   """(graphdef, sharded state, state shardings), built without a host copy."""
+  init, graphdef, _, state_sharding = abstract_init(mcfg, config, tx, mesh)
+  state = jax.jit(init, out_shardings=state_sharding)()
+  return graphdef, state, state_sharding
+
+
+def abstract_init(mcfg, config, tx, mesh):
+  """(init function, graphdef, abstract state, state shardings); no memory.
+
+  Parameters and the optimizer's per-parameter state (Adam's moments) share
+  one sharding from the rules table, so FSDP shards both; counters and the
+  RNG are replicated.
+  """
   params_key, train_key = jax.random.split(jax.random.key(config.seed))
 
   def init():
-    graphdef, params = nnx.split(model.create(mcfg, params_key), nnx.Param)
-    del graphdef
+    params = nnx.split(model.create(mcfg, params_key), nnx.Param)[1]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(train_key))
@@ -230,14 +306,41 @@ def init_state(mcfg, config, tx, mesh):
   abstract_model = nnx.eval_shape(lambda: model.create(mcfg, params_key))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   params_sharding = sharding.param_shardings(
-      mesh, nnx.get_partition_spec(abstract_params))
+      mesh, nnx.get_partition_spec(abstract_params), abstract_params)
   abstract_state = jax.eval_shape(init)
-  # Optimizer state is replicated under the data-only mesh.
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
-                                abstract_state)
-  state_sharding = state_sharding.replace(params=params_sharding)
-  state = jax.jit(init, out_shardings=state_sharding)()
-  return graphdef, state, state_sharding
+  replicated = sharding.replicated(mesh)
+  opt_sharding = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state.opt_state, params_sharding,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  state_sharding = TrainState(step=replicated, params=params_sharding,
+                              opt_state=opt_sharding, rng=replicated)
+  return init, graphdef, abstract_state, state_sharding
+
+
+def make_train_step(config, mesh, state_sharding, **static):
+  """(step function, local batch -> its device input) for config.parallelism.
+
+  Both run the same `train_step`: 'pjit' jits it over the whole mesh with
+  the state and batch shardings (activations pinned by the model's logical
+  constraints under `jax.set_mesh`); 'pmap' maps it over the devices with
+  the state replicated and gradients psummed.
+  """
+  step = functools.partial(train_step, grad_accum_steps=config.grad_accum_steps,
+                           **static)
+  if config.parallelism == 'pmap':
+    return (sharding.pmap_step(step),
+            functools.partial(sharding.pmap_batch, mesh=mesh))
+  jitted = jax.jit(step, in_shardings=(state_sharding,
+                                       sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  return run, functools.partial(sharding.global_batch, mesh=mesh)
 
 
 def _format_eta(seconds: float) -> str:
@@ -270,10 +373,11 @@ def train_and_evaluate(config, workdir: str):
 def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   validate_config(config)
   mesh = sharding.make_mesh(config)
-  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   prepared = data.prepare(config.data, config.seq_len)
   tokenizer = prepared.tokenizer
   mcfg = model.model_config(config, tokenizer.vocab_size)
+  sharding.check_model(mcfg, mesh)
   tx = optimizer.create(config)
   masker, rate_fn, eval_masker = make_maskers(config, tokenizer)
   baseline_id = most_frequent_token(prepared.train_source, masker.special_ids)
@@ -283,6 +387,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   graphdef, state, state_sharding = init_state(mcfg, config, tx, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %.2fM parameters.', mcfg, num_params / 1e6)
+  logging.info('Mesh %s, %s, %d micro-batch(es) per step.', dict(mesh.shape),
+               config.parallelism, config.grad_accum_steps)
 
   train_iter = pipeline.train_iterator(
       prepared.train_source, config.batch_size, config.seed,
@@ -314,11 +420,9 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
 
   batch_sh = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  p_train_step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, masker=masker,
-                        rate_fn=rate_fn),
-      in_shardings=(state_sharding, batch_sh),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  p_train_step, to_device = make_train_step(
+      config, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
+      rate_fn=rate_fn)
   p_eval_step = jax.jit(
       functools.partial(eval_step, graphdef=graphdef, masker=eval_masker,
                         rate=config.mask.eval_rate, baseline_id=baseline_id),
@@ -417,7 +521,7 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
       local = next(train_iter)
       real_tokens += int(np.count_nonzero(local['segment_ids']))
       window_steps += 1
-      state, m = p_train_step(state, sharding.global_batch(local, mesh))
+      state, m = p_train_step(state, to_device(local))
       first_bad = jnp.minimum(
           first_bad, jnp.where(m['nonfinite'][0] > 0, step, _NO_STEP))
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)

@@ -1,0 +1,159 @@
+"""Meshes, pmap and gradient accumulation agree with one device.
+
+All on the 8 fake CPU devices of conftest.py, with a tiny model and rows of
+different lengths (so rows carry different numbers of predictions and a mean
+of per-device or per-micro-batch means would be wrong).
+"""
+import functools
+
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from mlm_jax import masking
+from mlm_jax import model
+from mlm_jax import optimizer
+from mlm_jax import sharding
+from mlm_jax import train
+
+V = 64
+# float32 sums in another order (sharded reductions, psum, micro-batches):
+# losses agree to 1e-5 relative; parameters after Adam steps to 1e-5.
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
+
+
+def _config(batch_size=8, **mesh):
+  c = base.get_config()
+  c.num_steps, c.warmup_steps, c.learning_rate = 100, 1, 1e-2
+  c.seq_len, c.batch_size = 16, batch_size
+  c.model.update(size='tiny', num_layers=1, hidden_dim=32, num_heads=4,
+                 mlp_dim=64, max_len=16, dropout_rate=0.0,
+                 attention_dropout_rate=0.0)
+  c.mesh.update(mesh)
+  return c
+
+
+_MASKER = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4, vocab_size=V,
+                         max_predictions=6)
+
+
+def _batches(n, batch_size, seed=0):
+  """Rows of random ids, each padded (id 0, segment 0) after its length."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    ids = rng.integers(5, V, (batch_size, 16)).astype(np.int32)
+    ids[:, 0] = 2
+    lengths = rng.integers(4, 17, batch_size)
+    real = np.arange(16)[None] < lengths[:, None]
+    out.append({'input_ids': np.where(real, ids, 0).astype(np.int32),
+                'segment_ids': real.astype(np.int32)})
+  return out
+
+
+def _train(c, batches, devices=None, tx=None):
+  """(losses, final params as numpy) of a few steps through the real wrapper."""
+  mesh = sharding.make_mesh(c, devices)
+  mcfg = model.model_config(c, V)
+  sharding.check_model(mcfg, mesh)
+  tx = tx or optimizer.create(c)
+  graphdef, state, state_sharding = train.init_state(mcfg, c, tx, mesh)
+  step, to_device = train.make_train_step(
+      c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
+      rate_fn=lambda _: 0.3)
+  losses, grad_norms = [], []
+  for b in batches:
+    state, m = step(state, to_device(b))
+    losses.append(float(m['loss'][0] / m['loss'][1]))
+    grad_norms.append(float(m['grad_norm'][0]))
+  params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  return losses, grad_norms, params, state
+
+
+@functools.cache
+def _reference():
+  return _train(_config(data=-1), _batches(2, 8), devices=jax.devices()[:1])
+
+
+def _assert_same(got, want):
+  np.testing.assert_allclose(got[0], want[0], rtol=LOSS_RTOL)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    np.testing.assert_allclose(a, b, atol=PARAM_ATOL)
+
+
+@pytest.mark.parametrize('mesh', [
+    dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2),
+    dict(data=-1, tensor=4)])
+def test_meshes_match_one_device(mesh):
+  assert jax.device_count() == 8
+  got = _train(_config(**mesh), _batches(2, 8))
+  _assert_same(got, _reference())
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+  c = _config(data=1, fsdp=8)
+  _, state, _ = train.init_state(model.model_config(c, V), c,
+                                 optimizer.create(c), sharding.make_mesh(c))
+  kernel = state.params['encoder']['blocks'][0]['mlp_in']['kernel'][...]
+  assert kernel.sharding.spec == P('fsdp', 'tensor')
+  assert kernel.addressable_shards[0].data.shape == (4, 64)
+  adam = state.opt_state[1][0]
+  mu = adam.mu['encoder']['blocks'][0]['mlp_in']['kernel'][...]
+  assert mu.sharding.spec == P('fsdp', 'tensor')
+  assert mu.addressable_shards[0].data.shape == (4, 64)
+
+
+def test_pmap_matches_one_device():
+  c = _config(data=-1)
+  c.parallelism = 'pmap'
+  _assert_same(_train(c, _batches(2, 8)), _reference())
+
+
+def test_four_micro_batches_equal_one_step_on_the_4x_batch():
+  # SGD with lr 1: the update is the gradient itself (Adam's first step
+  # would hide a wrong scale). Micro-batches of 8 rows on 8 devices.
+  sgd = optax.sgd(1.0)
+  batches = _batches(2, 32, seed=1)
+  whole = _train(_config(32, data=-1), batches, jax.devices()[:1], tx=sgd)
+  c = _config(32, data=-1)
+  c.grad_accum_steps = 4
+  accumulated = _train(c, batches, tx=sgd)
+  _assert_same(accumulated, whole)
+  c.parallelism = 'pmap'
+  _assert_same(_train(c, batches, tx=sgd), whole)
+
+
+def test_a_mean_of_micro_batch_means_would_differ():
+  """The rows carry unequal predictions: the exactness check can fail."""
+  ids = _batches(1, 32, seed=1)[0]
+  masked = _MASKER(jax.random.key(0), ids['input_ids'], None, 0.3)
+  w = np.asarray(masked.weights_BxK).sum(1)
+  per_micro = w.reshape(8, 4).T.sum(1)
+  assert len(set(per_micro.tolist())) > 1, per_micro
+
+
+@pytest.mark.parametrize('mesh, batch, message', [
+    (dict(data=3), 8, r'mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but '
+     r'there are 8'),
+    (dict(data=-1, fsdp=3), 8, r'fixed axes \(3 devices\) do not divide the 8'),
+    (dict(data=2, fsdp=2, tensor=2), 10, r'batch_size=10 must be divisible '
+     r'by the 4 data-parallel devices \(mesh data=2 x fsdp=2\)'),
+])
+def test_mesh_and_batch_errors_give_the_numbers(mesh, batch, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.check_batch_size(batch, sharding.make_mesh(_config(**mesh)))
+
+
+def test_heads_and_accumulation_errors_give_the_numbers():
+  mesh = sharding.make_mesh(_config(data=1, tensor=8))
+  with pytest.raises(ValueError, match='num_heads=4 is not divisible by mesh '
+                     'tensor=8'):
+    sharding.check_model(model.model_config(_config(), V), mesh)
+  with pytest.raises(ValueError, match='grad_accum_steps=4 micro-batches '
+                     r'each divisible by the 8 .* multiple of 32'):
+    sharding.check_batch_size(16, sharding.make_mesh(_config()), 4)
