@@ -1,0 +1,144 @@
+"""Ahead-of-time: compile the train step for a mesh and print its memory.
+
+Compiles the real train step (sharded as in training) for N fake CPU
+devices from abstract inputs only: no data, no parameters in memory. Prints
+per-device bytes of the train state (parameters + optimizer state), of the
+compiled step's arguments, temporaries and outputs, and the step's FLOPs, so
+one knows before booking a pod whether a config fits. CPU numbers are XLA's
+CPU buffer assignment: close to, not the same as, a TPU's or GPU's.
+
+  python -m mlm_jax.aot --config=configs/bert_base.py --devices=8 \
+      --mesh=fsdp=8 --config.model.size=large --config.batch_size=64
+"""
+import functools
+import math
+import types
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/bert_base.py.', lock_config=True)
+_DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
+_MESH = flags.DEFINE_string(
+    'mesh', '', 'Mesh sizes, e.g. "fsdp=8" or "data=2,fsdp=2,tensor=2" (axes '
+    'not named: 1, or -1 for data); overrides config.mesh.')
+_VOCAB = flags.DEFINE_integer(
+    'vocab_size', 0, 'Vocabulary size; 0: config.data.vocab_size (no '
+    'tokenizer or data is read).')
+flags.mark_flags_as_required(['config'])
+
+
+def _fake_tokenizer(vocab_size: int):
+  """What the maskers need of a tokenizer: ids 0-4 special, 4 is [MASK]."""
+  return types.SimpleNamespace(
+      special_ids=(0, 1, 2, 3, 4), mask_id=4, vocab_size=vocab_size,
+      word_start_mask=lambda: np.ones([vocab_size], bool))
+
+
+def apply_mesh_flag(config, text: str):
+  if not text:
+    return
+  sizes = dict(item.split('=') for item in text.split(','))
+  unknown = set(sizes) - {'data', 'fsdp', 'tensor', 'dcn_data'}
+  if unknown:
+    raise ValueError(f'--mesh: unknown axes {sorted(unknown)}.')
+  config.mesh.data = int(sizes.get('data', -1))
+  config.mesh.fsdp = int(sizes.get('fsdp', 1))
+  config.mesh.tensor = int(sizes.get('tensor', 1))
+  config.mesh.dcn_data = int(sizes.get('dcn_data', 1))
+
+
+def _bytes_per_device(abstract_tree, sharding_tree) -> int:
+  total = 0
+  for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+      sharding_tree, is_leaf=lambda y: isinstance(y, jax.sharding.Sharding))):
+    total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def analyze(config, vocab_size: int) -> dict:
+  """Compiles the train step of `config` on the current devices; its numbers."""
+  # Imported here: the caller sets the device count before jax starts.
+  from mlm_jax import model  # pylint: disable=g-import-not-at-top
+  from mlm_jax import optimizer  # pylint: disable=g-import-not-at-top
+  from mlm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mlm_jax import train  # pylint: disable=g-import-not-at-top
+
+  train.validate_config(config)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+  mcfg = model.model_config(config, vocab_size)
+  sharding.check_model(mcfg, mesh)
+  tx = optimizer.create(config)
+  masker, rate_fn, _ = train.make_maskers(config, _fake_tokenizer(vocab_size))
+  _, graphdef, abstract_state, state_sharding = train.abstract_init(
+      mcfg, config, tx, mesh)
+  state_in = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_sharding)
+  row = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
+                             sharding=sharding.batch_sharding(mesh))
+  step = functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                           masker=masker, rate_fn=rate_fn,
+                           grad_accum_steps=config.grad_accum_steps)
+  jitted = jax.jit(step, in_shardings=(state_sharding,
+                                       sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=0)
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(state_in, {'input_ids': row,
+                                       'segment_ids': row}).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  params_bytes = _bytes_per_device(abstract_state.params,
+                                   state_sharding.params)
+  opt_bytes = _bytes_per_device(abstract_state.opt_state,
+                                state_sharding.opt_state)
+  return {
+      'mesh': dict(mesh.shape),
+      'num_params': sum(math.prod(x.shape) for x in
+                        jax.tree.leaves(abstract_state.params)),
+      'params_bytes': params_bytes,
+      'opt_state_bytes': opt_bytes,
+      'argument_bytes': memory.argument_size_in_bytes,
+      'output_bytes': memory.output_size_in_bytes,
+      'alias_bytes': memory.alias_size_in_bytes,
+      'temp_bytes': memory.temp_size_in_bytes,
+      'flops': float(cost.get('flops', float('nan'))) if cost else float('nan'),
+  }
+
+
+def report(result: dict) -> str:
+  gib = lambda b: f'{b / 2**30:.3f} GiB'
+  return '\n'.join([
+      f"mesh {result['mesh']}, {result['num_params'] / 1e6:.1f}M parameters",
+      'per device:',
+      f"  params + optimizer state  {gib(result['params_bytes'] + result['opt_state_bytes'])}"
+      f"  (params {gib(result['params_bytes'])}, optimizer "
+      f"{gib(result['opt_state_bytes'])})",
+      f"  arguments                 {gib(result['argument_bytes'])}",
+      f"  temporaries               {gib(result['temp_bytes'])}",
+      f"  outputs                   {gib(result['output_bytes'])}"
+      f"  (aliased to arguments: {gib(result['alias_bytes'])})",
+      f"  FLOPs per step            {result['flops']:.4g}",
+  ])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+  config = _CONFIG.value
+  with config.unlocked():
+    apply_mesh_flag(config, _MESH.value)
+  print(report(analyze(config, _VOCAB.value or config.data.vocab_size)))
+
+
+if __name__ == '__main__':
+  app.run(main)
