@@ -20,16 +20,22 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/bert_base.py.', lock_config=True)
-_DEVICES = flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
-_MESH = flags.DEFINE_string(
-    'mesh', '', 'Mesh sizes, e.g. "fsdp=8" or "data=2,fsdp=2,tensor=2" (axes '
-    'not named: 1, or -1 for data); overrides config.mesh.')
-_VOCAB = flags.DEFINE_integer(
-    'vocab_size', 0, 'Vocabulary size; 0: config.data.vocab_size (no '
-    'tokenizer or data is read).')
-flags.mark_flags_as_required(['config'])
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the command line only: importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, e.g. configs/bert_base.py.',
+      lock_config=True)
+  flags.DEFINE_integer('devices', 8, 'Fake CPU devices to compile for.')
+  flags.DEFINE_string(
+      'mesh', '', 'Mesh sizes, e.g. "fsdp=8" or "data=2,fsdp=2,tensor=2" (axes '
+      'not named: 1, or -1 for data); overrides config.mesh.')
+  flags.DEFINE_integer(
+      'vocab_size', 0, 'Vocabulary size; 0: config.data.vocab_size (no '
+      'tokenizer or data is read).')
+  flags.mark_flags_as_required(['config'])
 
 
 def _fake_tokenizer(vocab_size: int):
@@ -133,12 +139,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_num_cpu_devices', _DEVICES.value)
-  config = _CONFIG.value
+  jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+  config = FLAGS.config
   with config.unlocked():
-    apply_mesh_flag(config, _MESH.value)
-  print(report(analyze(config, _VOCAB.value or config.data.vocab_size)))
+    apply_mesh_flag(config, FLAGS.mesh)
+  print(report(analyze(config, FLAGS.vocab_size or config.data.vocab_size)))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -18,12 +18,17 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_WORKDIRS = flags.DEFINE_multi_string('workdir', None, 'A run to draw.')
-_LABELS = flags.DEFINE_multi_string(
-    'label', None, 'Legend name per --workdir, in order; default: its name.')
-_OUT = flags.DEFINE_string(
-    'out', None, 'PNG to write; default: curves.png in the first workdir.')
-flags.mark_flag_as_required('workdir')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the command line only: importing this module defines none."""
+  flags.DEFINE_multi_string('workdir', None, 'A run to draw.')
+  flags.DEFINE_multi_string(
+      'label', None, 'Legend name per --workdir, in order; default: its name.')
+  flags.DEFINE_string(
+      'out', None, 'PNG to write; default: curves.png in the first workdir.')
+  flags.mark_flag_as_required('workdir')
 
 # (panel title, train metric, eval metric)
 PANELS = (('MLM loss', 'train/loss', 'eval/loss'),
@@ -92,17 +97,18 @@ def draw(runs, out: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdirs = _WORKDIRS.value
-  labels = _LABELS.value or [os.path.basename(os.path.normpath(w))
+  workdirs = FLAGS.workdir
+  labels = FLAGS.label or [os.path.basename(os.path.normpath(w))
                              for w in workdirs]
   if len(labels) != len(workdirs):
     raise app.UsageError(f'{len(labels)} --label for {len(workdirs)} '
                          '--workdir; give one per run or none.')
   runs = [(label, read_run(w)) for label, w in zip(labels, workdirs)]
-  out = _OUT.value or os.path.join(workdirs[0], 'curves.png')
+  out = FLAGS.out or os.path.join(workdirs[0], 'curves.png')
   draw(runs, out)
   print(f'Wrote {out}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
