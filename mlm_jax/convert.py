@@ -264,7 +264,9 @@ def _sentencepiece_backend(tok):
   """A `tokenizers.Tokenizer` equal to our SentencePiece model, with the
   [CLS] ... [SEP] template BERT's pipelines expect."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import convert_slow_tokenizer as conv  # pylint: disable=g-import-not-at-top
+  # The submodule by path: `transformers.convert_slow_tokenizer` can also be
+  # the function of that name, depending on what was imported before.
+  from transformers.convert_slow_tokenizer import SpmConverter  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +279,7 @@ def _sentencepiece_backend(tok):
       legacy = True
       add_prefix_space = True
 
-    class _Converter(conv.SpmConverter):
+    class _Converter(SpmConverter):
       handle_byte_fallback = True  # our models fall back to byte pieces
 
     backend = _Converter(_Slow()).converted()
