@@ -16,6 +16,7 @@ leaves the checkpoint untouched.
 Params-only checkpoints (`save_params`/`restore_params`) carry weights
 between runs, e.g. from a converted Hugging Face model (`init_from`).
 """
+import contextlib
 import logging as std_logging
 import os
 import shutil
@@ -201,28 +202,39 @@ def restore_params(directory: str, abstract_params):
     return ckptr.restore(directory, abstract_params)
 
 
-def latest_params(workdir: str, abstract_params):
-  """(step, params) of the newest checkpoint of a training run, or None.
-
-  Reads only the params (not the optimizer state) of WORKDIR/checkpoints.
-  """
+@contextlib.contextmanager
+def _newest_of_run(workdir: str):
+  """(manager, step) of a run's newest checkpoint, or None; closes after."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
-    return None
+    yield None
+    return
   mngr = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                      'data': ocp.JsonCheckpointHandler()})
   try:
     step = mngr.latest_step()
-    if step is None:
+    yield None if step is None else (mngr, step)
+  finally:
+    mngr.close()
+
+
+def latest_params(workdir: str, abstract_params):
+  """(step, params) of the newest checkpoint of a training run, or None.
+
+  Reads only the params (not the optimizer state) of WORKDIR/checkpoints.
+  """
+  with _newest_of_run(workdir) as newest:
+    if newest is None:
       return None
+    mngr, step = newest
     saved_tree = _tree_of(mngr.item_metadata(step)['state'])
     differences = _differences(saved_tree['params'], abstract_params)
     if differences:
       raise IncompatibleCheckpointError(
-          f'The checkpoint at step {step} in {directory} does not fit the '
-          'model:\n  ' + '\n  '.join(differences))
+          f'The checkpoint at step {step} in {mngr.directory} does not fit '
+          'the model:\n  ' + '\n  '.join(differences))
     # Read the params only: other entries are left out of the target.
     target = {'params': abstract_params}
     restored = mngr.restore(step, args=ocp.args.Composite(
@@ -234,8 +246,6 @@ def latest_params(workdir: str, abstract_params):
                     or jax.sharding.SingleDeviceSharding(jax.devices()[0])),
                 target))))
     return step, restored['state']['params']
-  finally:
-    mngr.close()
 
 
 def read_latest(workdir: str):
@@ -244,22 +254,13 @@ def read_latest(workdir: str):
   For tools that inspect or compare runs on any machine: the arrays are read
   to host memory whatever devices wrote them. None if there is no checkpoint.
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'data': ocp.JsonCheckpointHandler()})
-  try:
-    step = mngr.latest_step()
-    if step is None:
+  with _newest_of_run(workdir) as newest:
+    if newest is None:
       return None
+    mngr, step = newest
     saved_tree = _tree_of(mngr.item_metadata(step)['state'])
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)),
         data=ocp.args.JsonRestore()))
     return step, restored['state'], restored['data']
-  finally:
-    mngr.close()
