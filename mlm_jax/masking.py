@@ -63,6 +63,12 @@ def num_predictions(num_real: jax.Array, rate) -> jax.Array:
   return jnp.floor(rate * num_real.astype(jnp.float32) + 0.5).astype(jnp.int32)
 
 
+def check_strategy(name: str) -> None:
+  """Raises a ValueError naming the choices when `name` is not a strategy."""
+  if name not in STRATEGIES:
+    raise ValueError(f'mask.strategy={name!r}; choose one of {STRATEGIES}.')
+
+
 def static_max_predictions(seq_len: int, rate: float) -> int:
   """The smallest `max_predictions` that never truncates a row of seq_len."""
   return int(np.floor(rate * seq_len + 0.5))

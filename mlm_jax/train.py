@@ -233,9 +233,7 @@ def validate_config(config):
   for key in ('rate', 'final_rate', 'eval_rate'):
     if not 0.0 < config.mask[key] < 1.0:
       raise ValueError(f'mask.{key}={config.mask[key]} must be in (0, 1).')
-  if config.mask.strategy not in masking.STRATEGIES:
-    raise ValueError(f'mask.strategy={config.mask.strategy!r}; choose one of '
-                     f'{masking.STRATEGIES}.')
+  masking.check_strategy(config.mask.strategy)  # raises, naming the choices
   masking.rate_at(0, schedule=config.mask.schedule, rate=0.1, final_rate=0.1,
                   num_steps=1)  # raises on an unknown schedule
   if config.mask.mask_prob + config.mask.random_prob > 1.0:
