@@ -29,13 +29,15 @@ setup(
         'tokenizers',  # Hugging Face tokenizer.json files (imported checkpoints)
     ],
     extras_require={
-        # The masking benchmark compares with HF's data collator (numpy only).
-        'bench': ['transformers==4.57.*'],
+        # bench: HF's data collator (masking) and HF's FlaxBertForMaskedLM and
+        # BertForMaskedLM (train step); 4.57 is the last release with both.
+        'bench': ['transformers==4.57.*', 'torch==2.13.0'],
         # convert: importing a vocab.txt-only model, exporting a SentencePiece
         # vocabulary as an HF fast tokenizer; torch reads pytorch_model.bin.
         'hf': ['transformers==4.57.*', 'torch==2.13.0'],
         # torch: the HF parity tests run transformers' PyTorch BERT on CPU.
+        # nbclient + ipykernel: CI executes launch/colab_tpu.ipynb on CPU.
         'test': ['pytest', 'hypothesis', 'scipy', 'torch==2.13.0',
-                 'transformers==4.57.*'],
+                 'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel'],
     },
 )
