@@ -3,15 +3,25 @@
   masking  our BERT masking (`masking.mask_tokens`, jitted, on the default
            device) against Hugging Face's DataCollatorForLanguageModeling
            (numpy, on the host) on the same token rows.
+  train    one full training step (masking, forward, loss, backward, AdamW)
+           of ours against HF FlaxBertForMaskedLM and HF BertForMaskedLM
+           (PyTorch) at the same shape, interleaved, with a matmul peak
+           measured in the same run for MFU: --model, --batch, --seq.
+  e2e      the real training loop (train.train_and_evaluate on the demo
+           corpus) against our bare step at the same shape, and the
+           corpus's packing efficiency.
 
 Each prints a table and, with --json=FILE, writes the same numbers as JSON.
 Results and the machines they came from are kept in BENCHMARKS.md.
 """
+import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -19,6 +29,7 @@ import jax
 import numpy as np
 
 from mlm_jax import masking
+from mlm_jax import metrics
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Rows per batch.')
@@ -32,6 +43,26 @@ _BLOCK = flags.DEFINE_integer(
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compiles).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures here.')
 _SEED = flags.DEFINE_integer('seed', 0, 'For the token rows and our key.')
+# train and e2e
+_MODEL = flags.DEFINE_string('model', 'base', 'train/e2e: model.PRESETS size.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'train/e2e: rows per step.')
+_SEQ = flags.DEFINE_integer('seq', 128, 'train/e2e: tokens per row.')
+_CONTENDERS = flags.DEFINE_list(
+    'contenders', 'mlm_jax,hf_flax,hf_torch', 'train: systems to time.')
+_DTYPE = flags.DEFINE_string('dtype', 'float32',
+                             'train/e2e: compute dtype of ours and HF Flax.')
+_ATTENTION = flags.DEFINE_string(
+    'attention', 'xla', "train/e2e: our kernel; 'cudnn' sets attention "
+    'dropout to 0 for every contender.')
+_VOCAB_MULTIPLE = flags.DEFINE_integer('vocab_multiple', 1,
+                                       'train/e2e: our vocabulary padding.')
+_TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False,
+                                   'train: torch.compile the PyTorch model.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'e2e: loop steps after warm-up.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', "e2e: data.data_dir ('': "
+                                'the default cache).')
+_DATA_VOCAB = flags.DEFINE_integer('data_vocab_size', 8192,
+                                   "e2e: the demo tokenizer's vocabulary.")
 
 PAD, UNK, CLS, SEP, MASK = tokenizer_lib.SPECIALS.values()
 SPECIAL_IDS = tuple(tokenizer_lib.SPECIALS.values())
@@ -39,12 +70,14 @@ _MEAN_DOC_LEN = 40  # mean document piece between [SEP]s in a packed row
 _PADDED_EVERY = 8   # every 8th row ends early and is padded
 
 
-def packed_rows(rng, batch: int, seq_len: int, vocab_size: int) -> np.ndarray:
+def packed_rows(rng, batch: int, seq_len: int, vocab_size: int,
+                padded_every: int = _PADDED_EVERY) -> np.ndarray:
   """int32 [B, L] rows laid out as data/builder.py packs them.
 
-  `[CLS] a a [SEP] b b b [SEP] c ...`; some rows end in [SEP] then [PAD]s
-  (in real data only a split's last row is, but padding changes how many
-  tokens either contender may mask, so the benchmark includes it).
+  `[CLS] a a [SEP] b b b [SEP] c ...`; every `padded_every`th row (0: none)
+  ends in [SEP] then [PAD]s (in real data only a split's last row is, but
+  padding changes how many tokens either masking contender may mask, so the
+  masking benchmark includes it).
   """
   ids_BxL = rng.integers(len(SPECIAL_IDS), vocab_size, (batch, seq_len),
                          dtype=np.int32)
@@ -54,7 +87,7 @@ def packed_rows(rng, batch: int, seq_len: int, vocab_size: int) -> np.ndarray:
     while pos < seq_len:
       row[pos] = SEP
       pos += 1 + int(rng.geometric(1 / _MEAN_DOC_LEN))
-  for row in ids_BxL[::_PADDED_EVERY]:
+  for row in ids_BxL[::padded_every] if padded_every else ():
     end = int(rng.integers(2, seq_len))
     row[end - 1], row[end:] = SEP, PAD
   return ids_BxL
@@ -174,6 +207,408 @@ def masking_bench() -> dict:
   return result
 
 
+def segment_ids_of(ids_BxL: np.ndarray) -> np.ndarray:
+  """Packed-document ids of rows from `packed_rows`: 1, 2, ...; 0 on [PAD]."""
+  starts_BxL = np.zeros_like(ids_BxL)
+  starts_BxL[:, 1:] = ids_BxL[:, :-1] == SEP  # a piece starts after a [SEP]
+  return np.where(ids_BxL == PAD, 0, 1 + np.cumsum(starts_BxL, axis=1))
+
+
+def run_config(size: str, batch: int, seq_len: int, dtype: str = 'float32',
+               attention: str = 'xla', vocab_multiple: int = 1):
+  """Our run config for a bench shape: the BERT recipe (as HF's), AdamW."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  c.batch_size, c.seq_len = batch, seq_len
+  c.model.size, c.model.dtype = size, dtype
+  c.model.max_len = max(512, seq_len)
+  c.model.attention, c.model.vocab_multiple = attention, vocab_multiple
+  if attention == 'cudnn':
+    c.model.attention_dropout_rate = 0.0  # cuDNN's kernel has none
+  return c
+
+
+def our_step(config, vocab_size: int, tokenizer=None):
+  """(step(state, batch) -> (state, metrics), to_device, state, model config).
+
+  Exactly what train_and_evaluate builds: the jitted, donating train step
+  with BERT masking inside it.
+  """
+  # pylint: disable=g-import-not-at-top
+  from mlm_jax import model
+  from mlm_jax import optimizer
+  from mlm_jax import sharding
+  from mlm_jax import train
+  # pylint: enable=g-import-not-at-top
+  mesh = sharding.make_mesh(config)
+  mcfg = model.model_config(config, vocab_size)
+  tx = optimizer.create(config)
+  if tokenizer is None:  # token masking needs only these three
+    tokenizer = types.SimpleNamespace(special_ids=SPECIAL_IDS, mask_id=MASK,
+                                      vocab_size=vocab_size)
+  masker, rate_fn, _ = train.make_maskers(config, tokenizer)
+  graphdef, state, state_sharding = train.init_state(mcfg, config, tx, mesh)
+  step, to_device = train.make_train_step(
+      config, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
+      rate_fn=rate_fn)
+  return step, to_device, state, mcfg, masker
+
+
+def hf_config(mcfg):
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.BertConfig(
+      vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_dim,
+      num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
+      intermediate_size=mcfg.mlp_dim, max_position_embeddings=mcfg.max_len,
+      hidden_dropout_prob=mcfg.dropout_rate,
+      attention_probs_dropout_prob=mcfg.attention_dropout_rate,
+      layer_norm_eps=mcfg.layer_norm_eps)
+
+
+def hf_flax_step(config, mcfg):
+  """(step(state, batch, rng), state): run_mlm_flax.py's train step, jitted.
+
+  As in transformers' examples/flax/language-modeling/run_mlm_flax.py: a
+  flax TrainState with optax.adamw (decay mask: no biases or LayerNorm
+  scales), the loss over labels > 0, the gradient divided by the label
+  count; jit with the state donated (the script pmaps over 1 device here).
+  """
+  # pylint: disable=g-import-not-at-top
+  import flax
+  from flax.training import train_state
+  import jax.numpy as jnp
+  import optax
+  import transformers
+  from mlm_jax import optimizer
+  # pylint: enable=g-import-not-at-top
+  hf_model = transformers.FlaxBertForMaskedLM(
+      hf_config(mcfg), seed=config.seed, dtype=getattr(jnp, mcfg.dtype))
+
+  def decay_mask_fn(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({
+        path: path[-1] != 'bias' and path[-2:] != ('LayerNorm', 'scale')
+        for path in flat})
+
+  tx = optax.adamw(optimizer.learning_rate_schedule(config),
+                   b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                   weight_decay=config.weight_decay, mask=decay_mask_fn)
+  state = train_state.TrainState.create(apply_fn=hf_model.__call__,
+                                        params=hf_model.params, tx=tx)
+
+  def step(state, batch, dropout_rng):
+    dropout_rng, new_dropout_rng = jax.random.split(dropout_rng)
+
+    def loss_fn(params):
+      labels = batch['labels']
+      logits = state.apply_fn(
+          input_ids=batch['input_ids'],
+          attention_mask=batch['attention_mask'],
+          token_type_ids=batch['token_type_ids'], params=params,
+          dropout_rng=dropout_rng, train=True)[0]
+      label_mask = jnp.where(labels > 0, 1.0, 0.0)
+      loss = optax.softmax_cross_entropy(
+          logits, jax.nn.one_hot(labels, logits.shape[-1])) * label_mask
+      return loss.sum(), label_mask.sum()
+
+    (loss, num_labels), grad = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    grad = jax.tree.map(lambda x: x / num_labels, grad)
+    return (state.apply_gradients(grads=grad), {'loss': loss / num_labels},
+            new_dropout_rng)
+
+  return jax.jit(step, donate_argnums=(0,)), state
+
+
+def hf_torch_step(config, mcfg, compile_model: bool):
+  """step(batch): HF BertForMaskedLM's standard PyTorch loop body.
+
+  What transformers' Trainer runs by default with torch >= 2.8: AdamW
+  (fused, no decay on biases and LayerNorm weights), loss.backward(), the
+  gradient clipped to norm 1.0, optimizer.step(), zero_grad; SDPA attention.
+  """
+  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
+  # pylint: enable=g-import-not-at-top
+  torch.manual_seed(config.seed)
+  hf_model = transformers.BertForMaskedLM(hf_config(mcfg))
+  hf_model.train()
+  no_decay = ('bias', 'LayerNorm.weight')
+  groups = [
+      {'params': [p for n, p in hf_model.named_parameters()
+                  if not n.endswith(no_decay)],
+       'weight_decay': config.weight_decay},
+      {'params': [p for n, p in hf_model.named_parameters()
+                  if n.endswith(no_decay)], 'weight_decay': 0.0}]
+  opt = torch.optim.AdamW(groups, lr=config.learning_rate,
+                          betas=(config.adam_b1, config.adam_b2),
+                          eps=config.adam_eps, fused=True)
+  forward = torch.compile(hf_model) if compile_model else hf_model
+
+  def step(batch):
+    loss = forward(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hf_model.parameters(),
+                                   config.grad_clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  return step
+
+
+def hf_batches(ids_BxL: np.ndarray, count: int, vocab_size: int, rate: float):
+  """`count` batches masked by HF's collator on the host, as HF trains.
+
+  Made before timing: the peers' masking runs in their data pipeline, not
+  in their step (ours is in our step and timed).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  collator = transformers.DataCollatorForLanguageModeling(
+      bert_tokenizer(vocab_size),
+      mlm=True, mlm_probability=rate, return_tensors='np')
+  out = []
+  for _ in range(count):
+    batch = collator(list(ids_BxL))
+    out.append({'input_ids': batch['input_ids'].astype(np.int32),
+                'labels': batch['labels'].astype(np.int32),
+                'attention_mask': (ids_BxL != PAD).astype(np.int32),
+                'token_type_ids': np.zeros_like(ids_BxL)})
+  return out
+
+
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(
+        ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+        text=True, check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def _threads() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def _versions() -> dict:
+  out = {'device_kind': jax.devices()[0].device_kind,
+         'jax_version': jax.__version__}
+  for name in ('transformers', 'torch'):
+    try:
+      out[f'{name}_version'] = __import__(name).__version__
+    except ImportError:
+      out[f'{name}_version'] = None
+  return out
+
+
+def train_bench() -> dict:
+  """Times full train steps of ours and the peers, side by side."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  batch, seq_len, vocab_size = _BATCH.value, _SEQ.value, _VOCAB_SIZE.value
+  names = _CONTENDERS.value
+  unknown = set(names) - {'mlm_jax', 'hf_flax', 'hf_torch'}
+  if unknown:
+    raise app.UsageError(f'Unknown --contenders {sorted(unknown)}.')
+  config = run_config(_MODEL.value, batch, seq_len, _DTYPE.value,
+                      _ATTENTION.value, _VOCAB_MULTIPLE.value)
+  config.seed = _SEED.value
+  load_before = _load()
+  # Every position is a real token, as in packed training data (only a
+  # split's last row is padded there).
+  ids_BxL = packed_rows(np.random.default_rng(_SEED.value), batch, seq_len,
+                        vocab_size, padded_every=0)
+  segment_ids_BxL = segment_ids_of(ids_BxL)
+  real_tokens = int(np.count_nonzero(segment_ids_BxL))
+  step, to_device, state, mcfg, masker = our_step(config, vocab_size)
+  contenders, flops = {}, {}
+  holder = {'state': state}
+
+  if 'mlm_jax' in names:
+    our_batch = to_device({'input_ids': ids_BxL,
+                           'segment_ids': segment_ids_BxL.astype(np.int32)})
+
+    def ours(i):
+      del i  # the step folds its own key from state.step
+      holder['state'], m = step(holder['state'], our_batch)
+      jax.block_until_ready((holder['state'], m))
+
+    contenders['mlm_jax'] = ours
+    flops['mlm_jax'] = metrics.train_flops(
+        mcfg, seq_len, real_tokens, masker.max_predictions * batch)
+  else:
+    del holder['state']
+  del state
+  # The peers run HF's dense head (every position) over the unpadded vocab.
+  hf_flops = metrics.train_flops(
+      dataclasses.replace(mcfg, vocab_multiple=1), seq_len, real_tokens,
+      batch * seq_len)
+  peer_batches = (hf_batches(ids_BxL, 4, vocab_size, _RATE.value)
+                  if {'hf_flax', 'hf_torch'} & set(names) else [])
+  if 'hf_flax' in names:
+    flax_step, flax_state = hf_flax_step(config, mcfg)
+    flax_batches = [jax.device_put(b) for b in peer_batches]
+    flax_holder = {'state': flax_state, 'rng': jax.random.key(_SEED.value)}
+
+    def hf_flax(i):
+      flax_holder['state'], m, flax_holder['rng'] = flax_step(
+          flax_holder['state'], flax_batches[i % len(flax_batches)],
+          flax_holder['rng'])
+      jax.block_until_ready((flax_holder['state'], m))
+
+    contenders['hf_flax'] = hf_flax
+    flops['hf_flax'] = hf_flops
+  if 'hf_torch' in names:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(_threads())
+    torch_step = hf_torch_step(config, mcfg, _TORCH_COMPILE.value)
+    torch_batches = [{k: torch.from_numpy(v.astype(np.int64))
+                      for k, v in b.items()} for b in peer_batches]
+
+    def hf_torch(i):
+      torch_step(torch_batches[i % len(torch_batches)])
+
+    contenders['hf_torch'] = hf_torch
+    flops['hf_torch'] = hf_flops
+  # The peak, measured in the same rotation: a large matmul in our dtype.
+  peak = metrics.peak_flops_per_device(0.0)
+  peak_source = 'table (dense bf16)'
+  if peak is None:
+    peak_source = 'measured: best [2048, 2048] matmul'
+    n = 2048
+    a_NxN = jnp.ones((n, n), getattr(jnp, mcfg.dtype))
+    matmul = jax.jit(lambda a, b: a @ b)
+    contenders['matmul'] = lambda i: matmul(a_NxN, a_NxN).block_until_ready()
+    flops['matmul'] = 2.0 * n ** 3
+  times = _time_interleaved(contenders, _WARMUP.value, _REPEATS.value,
+                            _BLOCK.value)
+  if 'matmul' in times:
+    peak = flops['matmul'] / min(times.pop('matmul'))
+  result = {
+      'benchmark': 'train',
+      'model': _MODEL.value, 'batch_shape': [batch, seq_len],
+      'vocab_size': vocab_size, 'rate': _RATE.value, 'dtype': mcfg.dtype,
+      'attention': mcfg.attention, 'dropout': mcfg.dropout_rate,
+      'attention_dropout': mcfg.attention_dropout_rate,
+      'repeats': _REPEATS.value, 'warmup': _WARMUP.value,
+      'block': _BLOCK.value, 'real_tokens_per_step': real_tokens,
+      'peak_flops_per_s': peak, 'peak_source': peak_source,
+      'threads': _threads(), 'torch_compile': _TORCH_COMPILE.value,
+      'load_before': load_before, 'load_after': _load(),
+      'commit': _commit(), **_versions(), 'contenders': {},
+  }
+  ours_s = statistics.median(times['mlm_jax']) if 'mlm_jax' in times else None
+  for name, seconds in times.items():
+    median = statistics.median(seconds)
+    result['contenders'][name] = {
+        'median_s': median, 'min_s': min(seconds), 'max_s': max(seconds),
+        'tokens_per_s': real_tokens / median,
+        # How many times faster ours is: their time / our time.
+        'ours_speedup': median / ours_s if ours_s else None,
+        'flops_per_step': flops[name],
+        'mfu': flops[name] / median / peak}
+  return result
+
+
+def e2e_bench() -> dict:
+  """The real loop on the demo corpus against our bare step, same shape.
+
+  Bare: the jitted step on one batch already on the device, `--steps` steps
+  dispatched back to back, before and after the loop. Loop:
+  train.train_and_evaluate for `--warmup` + `--steps` steps, its tokens/s as
+  it logs them (log windows after the first, whose steps start cold).
+  """
+  # pylint: disable=g-import-not-at-top
+  from mlm_jax import data
+  from mlm_jax import train
+  from mlm_jax.data import pipeline
+  # pylint: enable=g-import-not-at-top
+  batch, seq_len, steps = _BATCH.value, _SEQ.value, _STEPS.value
+  config = run_config(_MODEL.value, batch, seq_len, _DTYPE.value,
+                      _ATTENTION.value, _VOCAB_MULTIPLE.value)
+  config.seed = _SEED.value
+  config.data.source, config.data.vocab_size = 'demo', _DATA_VOCAB.value
+  config.data.data_dir = _DATA_DIR.value
+  load_before = _load()
+  prepared = data.prepare(config.data, seq_len)
+  source = prepared.train_source
+  real = sum(int(np.count_nonzero(source[i]['segment_ids']))
+             for i in range(len(source)))
+  packing = real / (len(source) * seq_len)
+
+  step, to_device, state, _, _ = our_step(
+      config, prepared.tokenizer.vocab_size, prepared.tokenizer)
+  local = next(pipeline.train_iterator(source, batch, config.seed, 0, 1))
+  device_batch = to_device(local)
+  batch_tokens = int(np.count_nonzero(local['segment_ids']))
+  for _ in range(max(_WARMUP.value, 1)):
+    state, m = step(state, device_batch)
+  jax.block_until_ready((state, m))
+
+  def bare_seconds():
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, device_batch)
+    jax.block_until_ready((state, m))
+    return time.perf_counter() - start
+
+  bare_s = [bare_seconds()]
+  # The loop: log windows of a third of the steps; eval (one batch) and
+  # the checkpoint come after the last window.
+  window = max(steps // 3, 2)
+  config.num_steps = 1 + _WARMUP.value + 3 * window
+  config.warmup_steps = 1
+  config.log_every = window
+  config.eval_every = config.checkpoint_every = config.num_steps
+  config.eval_batches = 1
+  with tempfile.TemporaryDirectory() as workdir:
+    # Windows aligned to log_every: skip the first whole one (cold start).
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+  rates = [r['train/tokens_per_second'] for r in records
+           if 'train/tokens_per_second' in r]
+  loop_rates = rates[1:] if len(rates) > 1 else rates
+  bare_s.append(bare_seconds())
+  bare_rate = batch_tokens * steps * len(bare_s) / sum(bare_s)
+  loop_rate = statistics.median(loop_rates)
+  return {
+      'benchmark': 'e2e', 'model': _MODEL.value, 'dtype': config.model.dtype,
+      'batch_shape': [batch, seq_len], 'steps': steps,
+      'vocab_size': prepared.tokenizer.vocab_size,
+      'train_rows': len(source), 'packing_efficiency': packing,
+      'bare_tokens_per_batch': batch_tokens,
+      'bare_seconds': bare_s, 'bare_tokens_per_s': bare_rate,
+      'loop_window_tokens_per_s': rates, 'loop_tokens_per_s': loop_rate,
+      'loop_over_bare': loop_rate / bare_rate,
+      'load_before': load_before, 'load_after': _load(),
+      'threads': _threads(), 'commit': _commit(), **_versions()}
+
+
+def print_e2e(result: dict) -> None:
+  print(f"e2e: {result['model']} {result['dtype']}, batch "
+        f"{result['batch_shape']}, demo corpus (vocab {result['vocab_size']},"
+        f" {result['train_rows']} train rows), {result['steps']} steps per "
+        'phase')
+  print(f"device {result['device_kind']}, {result['threads']} threads, jax "
+        f"{result['jax_version']}, commit {result['commit']}, load "
+        f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
+  print(f"packing efficiency (real tokens / all positions): "
+        f"{result['packing_efficiency']:.4f}")
+  print(f"bare step: {result['bare_tokens_per_s']:,.0f} real tokens/s "
+        f"(phases {', '.join(f'{s:.2f}' for s in result['bare_seconds'])} s)")
+  print(f"real loop: {result['loop_tokens_per_s']:,.0f} real tokens/s (log "
+        'windows: ' + ', '.join(f'{r:,.0f}' for r in
+                                result['loop_window_tokens_per_s']) + ')')
+  print(f"loop / bare: {result['loop_over_bare']:.3f}")
+
+
 def print_table(result: dict) -> None:
   # A command-line tool's output, so print rather than absl.logging.
   print(f"{result['benchmark']}: batch {result['batch_shape']}, vocab "
@@ -192,15 +627,42 @@ def print_table(result: dict) -> None:
         f"{result['contenders']['mlm_jax']['host_median_s'] * 1e3:.3f} ms")
 
 
-SUBCOMMANDS = {'masking': masking_bench}
+def print_train(result: dict) -> None:
+  print(f"train: {result['model']} {result['dtype']}, batch "
+        f"{result['batch_shape']}, vocab {result['vocab_size']}, dropout "
+        f"{result['dropout']}/{result['attention_dropout']}, mask rate "
+        f"{result['rate']}, {result['repeats']} repeats after "
+        f"{result['warmup']} warmup, in turns of {result['block']}")
+  print(f"device {result['device_kind']}, {result['threads']} threads "
+        f"(XLA and torch), jax {result['jax_version']}, transformers "
+        f"{result['transformers_version']}, torch {result['torch_version']}"
+        f"{' (compiled)' if result['torch_compile'] else ''}, commit "
+        f"{result['commit']}, load {result['load_before']:.2f} -> "
+        f"{result['load_after']:.2f}")
+  print(f"peak {result['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"({result['peak_source']}); {result['real_tokens_per_step']} real "
+        'tokens per step')
+  print(f"{'contender':<10} {'median ms/step':>15} {'real tokens/s':>14} "
+        f"{'ours faster':>12} {'GFLOP/step':>11} {'MFU':>6}")
+  for name, c in result['contenders'].items():
+    speedup = (f"{c['ours_speedup']:.2f}x" if c['ours_speedup'] else '-')
+    print(f"{name:<10} {c['median_s'] * 1e3:>15.1f} {c['tokens_per_s']:>14,.0f}"
+          f" {speedup:>12} {c['flops_per_step'] / 1e9:>11.1f} "
+          f"{c['mfu']:>6.3f}")
+
+
+SUBCOMMANDS = {'masking': (masking_bench, print_table),
+               'train': (train_bench, print_train),
+               'e2e': (e2e_bench, print_e2e)}
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError(f'Usage: python -m mlm_jax.bench '
                          f'{{{"|".join(SUBCOMMANDS)}}} [--flags]')
-  result = SUBCOMMANDS[argv[1]]()
-  print_table(result)
+  run, show = SUBCOMMANDS[argv[1]]
+  result = run()
+  show(result)
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=2)

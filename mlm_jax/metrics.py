@@ -5,9 +5,11 @@ so averages stay exact across devices, steps and hosts.
 """
 import json
 import os
+import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorboardX
 
@@ -35,6 +37,24 @@ def peak_flops_per_device(override_tflops: float) -> Optional[float]:
   return None  # unknown (e.g. CPU): MFU is not reported
 
 
+def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32,
+                            calls: int = 5) -> float:
+  """The best FLOP/s of an [n, n] x [n, n] jitted matmul on the default device.
+
+  The measured peak for devices without a PEAK_FLOPS entry (a CPU): the rate
+  XLA itself reaches on a large, well-shaped matmul, after one warm-up call.
+  """
+  a_NxN = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(a_NxN, a_NxN).block_until_ready()
+  best = float('inf')
+  for _ in range(calls):
+    start = time.perf_counter()
+    matmul(a_NxN, a_NxN).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
 def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
   """FLOPs of one training step (forward + backward = 3x forward).
 
@@ -42,7 +62,8 @@ def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
   parameters per token; bidirectional attention in full (every query against
   all seq_len keys, local layers included, since the mask is applied to a
   full score matrix); and the MLM head at every executed prediction slot
-  (the sparse head runs on max_predictions slots per row).
+  (the sparse head runs on max_predictions slots per row; a dense head, as
+  Hugging Face's, on every position: pass predictions = B x L for it).
   """
   d, f = cfg.hidden_dim, cfg.mlp_dim
   mlp_matrices = 3 if cfg.activation == 'geglu' else 2  # GeGLU: two in, one out
