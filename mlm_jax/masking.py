@@ -12,6 +12,21 @@ are never chosen):
 Then each chosen token becomes [MASK] (mask_prob), a random non-special
 token (random_prob), or stays (the rest).
 
+A plug-in strategy, 'package.module:function' (say
+'experiments.2026-12-01_idea.masking:choose'), lets an experiment choose the
+tokens without editing this package. The function is called on one row,
+
+  choose(key, ids_L, maskable_L, word_start_L, k) -> chosen_L
+
+with a key of its own for that row, the row's token ids [L], whether each
+token may be chosen [L] bool (not special), whether a word begins there
+[L] bool (every maskable token when the Masker has no word_start_V), and the
+budget k (a scalar int32: round(rate * maskable tokens)); it returns [L]
+bool, the tokens to predict. It is traced once under vmap and jit, so it
+uses jax.numpy and jax.random only. The Masker ignores chosen special
+tokens, keeps the first max_predictions of a row, and does the rest (the
+80/10/10 replacement, the static layout, the telemetry) as for the others.
+
 The mask of a row depends only on the key and the row's example id (its
 index in the global data stream), never on the batch layout or on how many
 devices or hosts there are.
@@ -32,6 +47,7 @@ the uint32 words of a row's bitset (bit i of word w is token 32 * w + i).
 """
 import dataclasses
 import functools
+import importlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -63,10 +79,37 @@ def num_predictions(num_real: jax.Array, rate) -> jax.Array:
   return jnp.floor(rate * num_real.astype(jnp.float32) + 0.5).astype(jnp.int32)
 
 
+def plugin(name: str):
+  """The function of a plug-in strategy 'package.module:function'."""
+  module_name, _, function_name = name.partition(':')
+  form = ("'package.module:function', importable from the working directory "
+          "(run from the repository root) or sys.path")
+  if not module_name or not function_name or ':' in function_name:
+    raise ValueError(f'mask.strategy={name!r} is not of the form {form}.')
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f'mask.strategy={name!r}: cannot import module '
+                     f'{module_name!r} ({type(e).__name__}: {e}); expected '
+                     f'{form}.') from e
+  fn = getattr(module, function_name, None)
+  if not callable(fn):
+    raise ValueError(f'mask.strategy={name!r}: module {module_name!r} '
+                     f'({module.__file__}) has no function {function_name!r}.')
+  return fn
+
+
 def check_strategy(name: str) -> None:
-  """Raises a ValueError naming the choices when `name` is not a strategy."""
-  if name not in STRATEGIES:
-    raise ValueError(f'mask.strategy={name!r}; choose one of {STRATEGIES}.')
+  """Raises a ValueError naming the choices when `name` is not a strategy.
+
+  A plug-in ('package.module:function') is imported here, so a missing
+  module or function fails before any data preparation or compilation.
+  """
+  if ':' in name:
+    plugin(name)
+  elif name not in STRATEGIES:
+    raise ValueError(f"mask.strategy={name!r}; choose one of {STRATEGIES} or "
+                     "a plug-in 'package.module:function'.")
 
 
 def static_max_predictions(seq_len: int, rate: float) -> int:
@@ -306,15 +349,19 @@ def _choose_tokens(words_BxK, maskable_BxN, k_B):
   return _nth_set_bit(maskable_BxN, _nth_set_bit(chosen_BxN, slot_BxK))
 
 
+def _word_starts(ids_L, maskable_L, word_start_V):
+  """Where a word starts: a word-start piece, or right after a special token."""
+  after_special_L = jnp.concatenate([jnp.ones((1,), bool), ~maskable_L[:-1]])
+  return maskable_L & (word_start_V[ids_L] | after_special_L)
+
+
 def _words(ids_L, maskable_L, word_start_V):
   """Word number of each token (L where none), word lengths, run of each word.
 
-  A word starts at a word-start piece or right after a special token; a
-  run is a stretch between special tokens (spans never cross one).
+  A run is a stretch between special tokens (spans never cross one).
   """
   seq_len = ids_L.shape[0]
-  after_special_L = jnp.concatenate([jnp.ones((1,), bool), ~maskable_L[:-1]])
-  start_L = maskable_L & (word_start_V[ids_L] | after_special_L)
+  start_L = _word_starts(ids_L, maskable_L, word_start_V)
   word_L = jnp.where(maskable_L, jnp.cumsum(start_L) - 1, seq_len)
   len_W = jnp.zeros(seq_len + 1, jnp.int32).at[word_L].add(1)[:seq_len]
   run_L = jnp.cumsum(~maskable_L)
@@ -398,13 +445,11 @@ class Masker:
   span_max_words: int = 10
 
   def __post_init__(self):
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f'Unknown masking strategy {self.strategy!r}; choose '
-                       f'one of {STRATEGIES}.')
+    check_strategy(self.strategy)
     if not 0.0 <= self.mask_prob + self.random_prob <= 1.0:
       raise ValueError(f'mask_prob + random_prob must be in [0, 1], got '
                        f'{self.mask_prob} + {self.random_prob}.')
-    if self.strategy != 'token' and (
+    if self.strategy in ('whole_word', 'span') and (
         self.word_start_V is None or len(self.word_start_V) != self.vocab_size):
       raise ValueError(f'The {self.strategy} strategy needs word_start_V, a '
                        f'[vocab_size={self.vocab_size}] bool array from the '
@@ -448,17 +493,28 @@ class Masker:
                                      maskable_BxN, k_B)
       units_B = k_B
     else:
-      word_start_V = jnp.asarray(self.word_start_V, bool)
-      # The word strategies draw from per-row keys (their own jax.random).
+      # Other strategies choose a [L] bool per row, from per-row keys.
       keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids_B)
-      row = lambda key, ids_L, maskable_L, k: _choose_words_row(
-          jax.random.split(key, 3)[0], ids_L, maskable_L, k,
-          strategy=self.strategy, word_start_V=word_start_V,
-          max_predictions=max_k, span_p=self.span_p,
-          span_max_words=self.span_max_words)
-      chosen_BxL, units_B = jax.vmap(row)(keys_B, ids_BxL, maskable_BxL, k_B)
+      if self.strategy in STRATEGIES:
+        word_start_V = jnp.asarray(self.word_start_V, bool)
+        row = lambda key, ids_L, maskable_L, k: _choose_words_row(
+            jax.random.split(key, 3)[0], ids_L, maskable_L, k,
+            strategy=self.strategy, word_start_V=word_start_V,
+            max_predictions=max_k, span_p=self.span_p,
+            span_max_words=self.span_max_words)
+        chosen_BxL, units_B = jax.vmap(row)(keys_B, ids_BxL, maskable_BxL,
+                                            k_B)
+      else:
+        word_start_BxL = maskable_BxL if self.word_start_V is None else (
+            jax.vmap(_word_starts, (0, 0, None))(
+                ids_BxL, maskable_BxL, jnp.asarray(self.word_start_V, bool)))
+        chosen_BxL = jax.vmap(plugin(self.strategy))(
+            keys_B, ids_BxL, maskable_BxL, word_start_BxL, k_B)
+        chosen_BxL = jnp.asarray(chosen_BxL, bool) & maskable_BxL
       chosen_BxN = _bitset(chosen_BxL)
-      k_B = jnp.sum(_popcount(chosen_BxN), 1)  # at most the budget
+      k_B = jnp.minimum(jnp.sum(_popcount(chosen_BxN), 1), max_k)
+      if self.strategy not in STRATEGIES:
+        units_B = k_B  # tokens
       positions_BxK = _nth_set_bit(chosen_BxN, slot_BxK)
     valid_BxK = slot_BxK < k_B[:, None]
     positions_BxK = jnp.where(valid_BxK, positions_BxK, 0)
