@@ -341,6 +341,20 @@ def make_train_step(config, mesh, state_sharding, **static):
   return run, functools.partial(sharding.global_batch, mesh=mesh)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(carry, metrics, step):
+  """(window sums, first bad step) updated by one step's metrics.
+
+  One dispatch per step for what would otherwise be a dozen small ops
+  (an add per metric, and the first-bad-step bookkeeping), none of which
+  waits for the step.
+  """
+  sums, first_bad = carry
+  bad = jnp.where(metrics['nonfinite'][0] > 0, step, _NO_STEP)
+  sums = jax.tree.map(jnp.add, sums, metrics)
+  return sums, jnp.minimum(first_bad, bad).astype(first_bad.dtype)
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
@@ -444,6 +458,14 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   writer = metrics_lib.Writer(workdir, start_step)
   lr_fn = optimizer.learning_rate_schedule(config)
   peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device)
+  peak_total = peak and peak * jax.device_count()
+  if peak is None and jax.default_backend() == 'cpu':
+    # No table entry for a CPU: measure a matmul (all cores; several fake
+    # CPU devices share them, so this is the peak of all of them at once).
+    peak_total = metrics_lib.matmul_flops_per_second(
+        1024, getattr(jnp, mcfg.dtype), calls=3)
+    logging.info('CPU matmul peak (for MFU), measured: %.1f GFLOP/s.',
+                 peak_total / 1e9)
   logging.info('Training steps %d..%d, global batch %d x %d on %d devices.',
                start_step, config.num_steps, config.batch_size, config.seq_len,
                jax.device_count())
@@ -489,8 +511,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
     flops = metrics_lib.train_flops(mcfg, config.seq_len, tokens, predictions)
     scalars['train/learning_rate'] = float(lr_fn(step - 1))
     scalars['train/tokens_per_second'] = tokens / seconds
-    if peak:
-      scalars['train/mfu'] = flops / seconds / (peak * jax.device_count())
+    if peak_total:
+      scalars['train/mfu'] = flops / seconds / peak_total
     writer.write(step, scalars)
     per_step = (time.time() - run_start) / max(step - run_start_step, 1)
     logging.info('step %d/%d  loss %.4f  acc %.4f  %.0f tok/s  ETA %s', step,
@@ -520,9 +542,9 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
       real_tokens += int(np.count_nonzero(local['segment_ids']))
       window_steps += 1
       state, m = p_train_step(state, to_device(local))
-      first_bad = jnp.minimum(
-          first_bad, jnp.where(m['nonfinite'][0] > 0, step, _NO_STEP))
-      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      if sums is None:  # a window's first step: start from zeros
+        sums = jax.tree.map(jnp.zeros_like, m)
+      sums, first_bad = _accumulate((sums, first_bad), m, step)
       if step == start_step + 1:
         # Keep compilation out of the first window's throughput.
         jax.block_until_ready(m)
