@@ -56,6 +56,9 @@ _ATTENTION = flags.DEFINE_string(
     'dropout to 0 for every contender.')
 _VOCAB_MULTIPLE = flags.DEFINE_integer('vocab_multiple', 1,
                                        'train/e2e: our vocabulary padding.')
+_THREADS = flags.DEFINE_integer(
+    'threads', 0, "train: torch's threads; 0: this process's cores, as XLA "
+    'uses.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False,
                                    'train: torch.compile the PyTorch model.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'e2e: loop steps after warm-up.')
@@ -393,7 +396,7 @@ def _commit() -> str:
 
 
 def _threads() -> int:
-  return len(os.sched_getaffinity(0))
+  return _THREADS.value or len(os.sched_getaffinity(0))
 
 
 def _versions() -> dict:
@@ -588,7 +591,8 @@ def e2e_bench() -> dict:
       'loop_window_tokens_per_s': rates, 'loop_tokens_per_s': loop_rate,
       'loop_over_bare': loop_rate / bare_rate,
       'load_before': load_before, 'load_after': _load(),
-      'threads': _threads(), 'commit': _commit(), **_versions()}
+      'threads': len(os.sched_getaffinity(0)), 'commit': _commit(),
+      **_versions()}
 
 
 def print_e2e(result: dict) -> None:
@@ -633,8 +637,8 @@ def print_train(result: dict) -> None:
         f"{result['dropout']}/{result['attention_dropout']}, mask rate "
         f"{result['rate']}, {result['repeats']} repeats after "
         f"{result['warmup']} warmup, in turns of {result['block']}")
-  print(f"device {result['device_kind']}, {result['threads']} threads "
-        f"(XLA and torch), jax {result['jax_version']}, transformers "
+  print(f"device {result['device_kind']}, {result['threads']} torch threads "
+        f"({len(os.sched_getaffinity(0))} cores for XLA), jax {result['jax_version']}, transformers "
         f"{result['transformers_version']}, torch {result['torch_version']}"
         f"{' (compiled)' if result['torch_compile'] else ''}, commit "
         f"{result['commit']}, load {result['load_before']:.2f} -> "

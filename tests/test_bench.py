@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mlm_jax import bench
+from mlm_jax import metrics
+from mlm_jax import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,3 +75,76 @@ def test_unknown_subcommand_is_a_usage_error():
                        cwd=ROOT, capture_output=True, text=True, timeout=120,
                        check=False)
   assert run.returncode != 0 and 'Usage' in run.stderr
+
+
+def _run_bench(*args, timeout=300):
+  """`python -m mlm_jax.bench ARGS` on one CPU device, as a user runs it."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  run = subprocess.run([sys.executable, '-m', 'mlm_jax.bench', *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True,
+                       check=False, timeout=timeout)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run
+
+
+def test_train_flops_by_hand_for_our_sparse_head_and_hfs_dense_head():
+  cfg = model.ModelConfig(vocab_size=100, num_layers=2, hidden_dim=8,
+                          num_heads=2, mlp_dim=16)
+  batch, seq_len, k = 2, 16, 2
+  # Per token per layer: Q, K, V, O (4 x 8 x 8) and the MLP (2 x 8 x 16)
+  # multiply-adds, and attention over all 16 keys: scores and values
+  # (2 x 16 x 8); 2 FLOPs per multiply-add; backward is twice forward.
+  per_token = 2 * (2 * (4 * 64 + 2 * 128) + 2 * (2 * 16 * 8))
+  # Per prediction: the head's dense transform (8 x 8) and decoder (8 x 100).
+  per_prediction = 2 * (64 + 8 * 100)
+  tokens = batch * seq_len
+  assert metrics.train_flops(cfg, seq_len, tokens, batch * k) == (
+      3 * (tokens * per_token + batch * k * per_prediction))
+  # HF's dense head runs at every position.
+  assert metrics.train_flops(cfg, seq_len, tokens, tokens) == (
+      3 * tokens * (per_token + per_prediction))
+
+
+def test_segment_ids_number_the_pieces_between_seps():
+  ids = np.array([[bench.CLS, 9, bench.SEP, 9, 9, bench.SEP, bench.PAD]])
+  np.testing.assert_array_equal(bench.segment_ids_of(ids),
+                                [[1, 1, 1, 2, 2, 2, 0]])
+
+
+def test_train_bench_times_all_contenders(tmp_path):
+  out = tmp_path / 'train.json'
+  run = _run_bench('train', '--model=tiny', '--batch=2', '--seq=16',
+                   '--vocab_size=200', '--repeats=2', '--warmup=1',
+                   '--threads=1', f'--json={out}')
+  assert 'MFU' in run.stdout
+  r = json.loads(out.read_text())
+  assert set(r['contenders']) == {'mlm_jax', 'hf_flax', 'hf_torch'}
+  assert r['peak_source'].startswith('measured') and r['peak_flops_per_s'] > 0
+  assert r['real_tokens_per_step'] == 2 * 16
+  for c in r['contenders'].values():
+    assert c['median_s'] > 0 and c['tokens_per_s'] > 0
+    assert 0 < c['mfu'] <= 1
+  assert r['contenders']['mlm_jax']['ours_speedup'] == 1.0
+  # What each executes: our sparse head at 2 slots per row (15% of 16),
+  # HF's dense head at all 16 positions.
+  cfg = model.ModelConfig(vocab_size=200, num_layers=2, hidden_dim=128,
+                          num_heads=2, mlp_dim=512)
+  assert r['contenders']['mlm_jax']['flops_per_step'] == pytest.approx(
+      metrics.train_flops(cfg, 16, 32, 2 * 2))
+  for peer in ('hf_flax', 'hf_torch'):
+    assert r['contenders'][peer]['flops_per_step'] == pytest.approx(
+        metrics.train_flops(cfg, 16, 32, 32))
+
+
+def test_e2e_bench_reports_the_loop_the_bare_step_and_packing(tmp_path,
+                                                              data_dir):
+  out = tmp_path / 'e2e.json'
+  _run_bench('e2e', '--model=tiny', '--batch=4', '--seq=32', '--steps=4',
+             '--warmup=1', f'--data_dir={data_dir}', '--data_vocab_size=1000',
+             f'--json={out}')
+  r = json.loads(out.read_text())
+  assert 0.9 < r['packing_efficiency'] <= 1
+  assert r['bare_tokens_per_s'] > 0 and r['loop_tokens_per_s'] > 0
+  assert len(r['loop_window_tokens_per_s']) >= 2
+  assert r['loop_over_bare'] == pytest.approx(
+      r['loop_tokens_per_s'] / r['bare_tokens_per_s'])
