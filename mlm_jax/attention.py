@@ -112,7 +112,8 @@ def reference_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxLxL,
 
 class SelfAttention(nnx.Module):
 
-  def __init__(self, cfg: 'model_lib.ModelConfig', dense, rngs: nnx.Rngs):
+  def __init__(self, cfg: 'model_lib.ModelConfig', dense, rngs: nnx.Rngs,
+               dropout=nnx.Dropout):
     d = cfg.hidden_dim
     self.num_heads = cfg.num_heads
     self.implementation = cfg.attention
@@ -121,7 +122,7 @@ class SelfAttention(nnx.Module):
     self.key = dense(d, d, ('embed', 'heads'), rngs)
     self.value = dense(d, d, ('embed', 'heads'), rngs)
     self.out = dense(d, d, ('heads', 'embed'), rngs)
-    self.dropout = nnx.Dropout(cfg.attention_dropout_rate)
+    self.dropout = dropout(cfg.attention_dropout_rate)
 
   def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
                rngs):

@@ -179,6 +179,35 @@ def _activation(name):
   return functools.partial(jax.nn.gelu, approximate=name == 'gelu_tanh')
 
 
+class Dropout(nnx.Module):
+  """Inverted dropout drawn from 16-bit random numbers.
+
+  Each 32-bit Threefry word gives two draws, so this asks for half the
+  random words of nnx.Dropout (one word per element): on a CPU, generating
+  them was a large share of a BERT training step (BENCHMARKS.md, speed
+  work). An element is dropped when its draw is below round(rate * 2^16):
+  the drop probability is `rate` to within 2^-17. The words are drawn in
+  the input's shape (last axis halved), so the mask does not depend on how
+  the input is sharded.
+  """
+
+  def __init__(self, rate: float):
+    self.rate = rate
+
+  def __call__(self, x, *, deterministic: bool, rngs=None):
+    if deterministic or self.rate == 0:
+      return x
+    if self.rate >= 1:
+      return jnp.zeros_like(x)
+    *lead, last = x.shape
+    words = jax.random.bits(rngs.dropout(), (*lead, -(-last // 2)),
+                            jnp.uint32)
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint16)
+    draws = draws.reshape(*lead, -1)[..., :last]
+    keep = draws >= jnp.uint16(round(self.rate * 65536))
+    return jnp.where(keep, x / (1 - self.rate), 0).astype(x.dtype)
+
+
 def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
   """Position ids that restart at 0 where each packed segment starts."""
   seq_len = segment_ids_BxL.shape[1]
@@ -206,7 +235,7 @@ class Embeddings(nnx.Module):
     self.token_type = (embed(cfg.type_vocab_size, (None, 'embed'))
                        if cfg.type_vocab_size else None)
     self.norm = _layer_norm(cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, ids_BxL, positions_BxL, token_types_BxL, *, deterministic,
                rngs):
@@ -229,14 +258,14 @@ class Block(nnx.Module):
     self.glu = cfg.activation == 'geglu'
     self.act = _activation(cfg.activation)
     dense = functools.partial(_dense, cfg)
-    self.attention = attention.SelfAttention(cfg, dense, rngs)
+    self.attention = attention.SelfAttention(cfg, dense, rngs, Dropout)
     self.attention_norm = _layer_norm(cfg, rngs)
     # GeGLU: one matmul makes both the gated half and the gate.
     self.mlp_in = dense(cfg.hidden_dim, cfg.mlp_dim * (2 if self.glu else 1),
                         ('embed', 'mlp'), rngs)
     self.mlp_out = dense(cfg.mlp_dim, cfg.hidden_dim, ('mlp', 'embed'), rngs)
     self.mlp_norm = _layer_norm(cfg, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def _mlp(self, x_BxLxD):
     h_BxLxF = sharding.constrain(self.mlp_in(x_BxLxD), 'batch', 'length',
