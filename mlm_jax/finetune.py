@@ -2,6 +2,7 @@
 
   python -m mlm_jax.finetune --workdir=W --task=demo_articles --out=DIR
   python -m mlm_jax.finetune --workdir=W --task=demo_articles --from_scratch
+  python -m mlm_jax.finetune --workdir=W --task=demo_order
   python -m mlm_jax.finetune --workdir=W --task=glue/sst2 \
       --tfds_data_dir=~/tensorflow_datasets
   python -m mlm_jax.finetune --workdir=W --task=path/train.tsv
@@ -48,12 +49,19 @@ from mlm_jax import optimizer
 from mlm_jax.data import labelled
 
 
+POOLINGS = ('mean', 'first')
+
+
 class Classifier(nnx.Module):
-  """Encoder -> mean over real tokens -> dropout -> dense to C classes."""
+  """Encoder -> pooled vector -> dropout -> dense to C classes.
+
+  `pooling` 'mean': the mean over real tokens; 'first': the [CLS] vector.
+  """
 
   def __init__(self, encoder: model.Encoder, num_classes: int,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, pooling: str = 'mean'):
     cfg = encoder.config
+    self.pooling = pooling
     self.encoder = encoder
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     self.head = nnx.Linear(
@@ -64,10 +72,13 @@ class Classifier(nnx.Module):
                deterministic=True, rngs=None):
     h_BxLxD = self.encoder(ids_BxL, segment_ids_BxL, token_types_BxL,
                            deterministic=deterministic, rngs=rngs)
-    real_BxL = (segment_ids_BxL > 0).astype(jnp.float32)
-    pooled_BxD = (jnp.einsum('bld,bl->bd', h_BxLxD.astype(jnp.float32),
-                             real_BxL) /
-                  jnp.maximum(real_BxL.sum(1, keepdims=True), 1.0))
+    if self.pooling == 'first':
+      pooled_BxD = h_BxLxD[:, 0].astype(jnp.float32)
+    else:
+      real_BxL = (segment_ids_BxL > 0).astype(jnp.float32)
+      pooled_BxD = (jnp.einsum('bld,bl->bd', h_BxLxD.astype(jnp.float32),
+                               real_BxL) /
+                    jnp.maximum(real_BxL.sum(1, keepdims=True), 1.0))
     pooled_BxD = self.dropout(pooled_BxD, deterministic=deterministic,
                               rngs=rngs)
     return self.head(pooled_BxD).astype(jnp.float32)  # logits_BxC
@@ -155,7 +166,8 @@ def batch_order(num_examples: int, batch_size: int, num_steps: int,
 
 
 def check_args(workdir: str, task: str, seq_len: int, steps: int,
-               batch_size: int, learning_rate: float, tfds_data_dir: str):
+               batch_size: int, learning_rate: float, tfds_data_dir: str,
+               pooling: str = 'mean'):
   """Cheap checks of the arguments; returns (run config, seq_len).
 
   Runs before the tokenizer, the task's data or the model are loaded.
@@ -180,6 +192,8 @@ def check_args(workdir: str, task: str, seq_len: int, steps: int,
   if seq_len > config.model.max_len:
     raise ValueError(f'--seq_len={seq_len} exceeds the model\'s max_len='
                      f'{config.model.max_len} positions.')
+  if pooling not in POOLINGS:
+    raise ValueError(f'--pooling={pooling!r}; choose one of {POOLINGS}.')
   if seq_len < 3:
     raise ValueError(f'--seq_len={seq_len} leaves no room for text.')
   for name, value in (('steps', steps), ('batch_size', batch_size),
@@ -209,6 +223,9 @@ def load_task(task: str, config, args: dict) -> labelled.Task:
   docs = list(sources.documents(
       sources.DEMO, cache_dir=os.path.join(data.data_dir(config.data),
                                            'text')))
+  if task == labelled.DEMO_ORDER:
+    return labelled.order_task(docs, passage_words=args['passage_words'],
+                               train_passages=args['train_passages'])
   return labelled.article_task(
       docs, num_articles=args['num_articles'],
       passage_words=args['passage_words'],
@@ -218,17 +235,21 @@ def load_task(task: str, config, args: dict) -> labelled.Task:
 def finetune(workdir: str, task: str, *, steps: int = 300,
              batch_size: int = 32, learning_rate: float = 1e-4,
              warmup_fraction: float = 0.1, seq_len: int = 0, seed: int = 0,
-             from_scratch: bool = False, eval_every: int = 0, out: str = '',
+             from_scratch: bool = False, pooling: str = 'mean',
+             eval_every: int = 0, out: str = '',
              task_args: dict | None = None, loaded=None) -> dict:
   """Fine-tunes W's encoder (or a fresh one) on `task`; returns the result.
 
   `loaded` (a labelled.Task already loaded) skips loading the task.
   """
+  from mlm_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mlm_jax import convert  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_orbax_logs()
   task_args = {**DEFAULT_TASK_ARGS, **(task_args or {})}
   start = time.time()
   config, seq_len = check_args(workdir, task, seq_len, steps, batch_size,
-                               learning_rate, task_args['tfds_data_dir'])
+                               learning_rate, task_args['tfds_data_dir'],
+                               pooling)
   the_task = loaded or load_task(task, config, task_args)
   logging.info('Task %s: %s', task, the_task.info)
 
@@ -238,7 +259,7 @@ def finetune(workdir: str, task: str, *, steps: int = 300,
   if from_scratch:
     bert = model.create(mcfg, scratch_key)
   clf = Classifier(bert.encoder, the_task.num_classes,
-                   nnx.Rngs(params=head_key))
+                   nnx.Rngs(params=head_key), pooling)
   graphdef, params = nnx.split(clf, nnx.Param)
   del bert, clf
 
@@ -264,7 +285,7 @@ def finetune(workdir: str, task: str, *, steps: int = 300,
                 workdir=os.path.abspath(workdir), pretrain_step=int(
                     pretrain_step), seed=seed, steps=steps,
                 batch_size=batch_size, learning_rate=learning_rate,
-                seq_len=seq_len)
+                seq_len=seq_len, pooling=pooling)
   records = []
 
   def emit(record):
@@ -303,7 +324,7 @@ def finetune(workdir: str, task: str, *, steps: int = 300,
 DEFAULT_TASK_ARGS = dict(tfds_data_dir='', test_file='', dev_file='',
                          text_column='text', label_column='label',
                          text_b_column='', num_articles=8, passage_words=48,
-                         train_per_article=0)
+                         train_per_article=0, train_passages=0)
 
 
 def main(argv):
@@ -314,6 +335,7 @@ def main(argv):
       args.workdir, args.task, steps=args.steps, batch_size=args.batch_size,
       learning_rate=args.learning_rate, warmup_fraction=args.warmup_fraction,
       seq_len=args.seq_len, seed=args.seed, from_scratch=args.from_scratch,
+      pooling=args.pooling,
       eval_every=args.eval_every, out=args.out,
       task_args={k: getattr(args, k) for k in DEFAULT_TASK_ARGS})
   print(json.dumps(result))
@@ -323,7 +345,8 @@ if __name__ == '__main__':
   # Defined only when run as a tool, so importing the module adds no flags.
   flags.DEFINE_string('workdir', None, 'A training run or an import.',
                       required=True)
-  flags.DEFINE_string('task', None, "glue/NAME, 'demo_articles', or a "
+  flags.DEFINE_string('task', None, "glue/NAME, 'demo_articles', "
+                      "'demo_order', or a "
                       '.tsv/.csv file of (text, label) rows.', required=True)
   flags.DEFINE_string('out', '', 'Append JSON-line results to '
                       'OUT/finetune.jsonl.')
@@ -338,6 +361,8 @@ if __name__ == '__main__':
                        'weights with --from_scratch.')
   flags.DEFINE_bool('from_scratch', False, 'Random weights instead of the '
                     'checkpoint: the baseline.')
+  flags.DEFINE_enum('pooling', 'mean', POOLINGS, 'mean: over the real '
+                    'tokens; first: the [CLS] vector.')
   flags.DEFINE_integer('eval_every', 0, 'Steps between dev evaluations; 0: '
                        'once per epoch.')
   flags.DEFINE_string('tfds_data_dir', '', 'glue/*: the TFDS data dir where '
@@ -353,8 +378,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('text_b_column', '', 'TSV/CSV: a second text column '
                       '(sentence pairs).')
   flags.DEFINE_integer('num_articles', 8, 'demo_articles: the classes.')
-  flags.DEFINE_integer('passage_words', 48, 'demo_articles: words per '
-                       'passage.')
+  flags.DEFINE_integer('passage_words', 48, 'demo_*: words per passage.')
   flags.DEFINE_integer('train_per_article', 0, 'demo_articles: training '
                        'passages per article (few-shot); 0: all.')
+  flags.DEFINE_integer('train_passages', 0, 'demo_order: training passages '
+                       '(few-shot); 0: all.')
   app.run(main)

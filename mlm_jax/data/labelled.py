@@ -11,6 +11,9 @@ texts per example, and an int label). `load` takes the `--task` string of
   'demo_articles'
                 built from the embedded demo corpus (see `article_task`):
                 which of N Wikipedia articles a passage comes from.
+  'demo_order'  built from the demo corpus (see `order_task`): is a passage
+                as written, or are its words shuffled? Order-blind models
+                (any bag of words) score exactly chance.
   PATH.tsv / PATH.csv
                 a header row naming a text column and a label column
                 (`text` and `label` by default; `text_b` optional for
@@ -29,6 +32,7 @@ import os
 import numpy as np
 
 DEMO_ARTICLES = 'demo_articles'
+DEMO_ORDER = 'demo_order'
 # GLUE configs with (first text, second text or None, the held-out split).
 # STS-B (regression) is not a classification task and is left out.
 GLUE = {
@@ -182,6 +186,58 @@ def article_task(documents: list[str], num_articles: int = 8,
                per_article=keep)
 
 
+def order_task(documents: list[str], passage_words: int = 24,
+               num_passages: int = 1200, train_passages: int = 0,
+               test_fraction: float = 0.2, dev_fraction: float = 0.1) -> Task:
+  """Is the passage as written (label 'original') or word-shuffled?
+
+  1. Every document is cut into consecutive, non-overlapping passages of
+     `passage_words` words; texts that occur twice are dropped.
+  2. `num_passages` of them are drawn (fixed seed) and dealt into test,
+     dev and train (the rest, or its first `train_passages` when > 0). A
+     passage is in exactly one split.
+  3. In each split, every other passage (after the shuffle) has its words
+     put in a random order (fixed seed; a permutation that leaves it
+     unchanged is drawn again): the classes are balanced, chance is 0.5.
+  A shuffled passage has the same words as some original one would, so a
+  model that ignores word order can do no better than chance: the task
+  measures what pretraining learned about word order and syntax.
+  """
+  cut = [p for d in documents for p in passages(d, passage_words)]
+  counts = {}
+  for p in cut:
+    counts[p] = counts.get(p, 0) + 1
+  cut = [p for p in cut if counts[p] == 1]
+  if passage_words < 2 or len(cut) < 10:
+    raise ValueError(f'Only {len(cut)} passages of {passage_words} words in '
+                     'the corpus: too few for an order task.')
+  rng = np.random.default_rng(SPLIT_SEED)
+  chosen = [cut[i] for i in rng.permutation(len(cut))[:num_passages]]
+  n_test = max(2, int(round(test_fraction * len(chosen))))
+  n_dev = max(2, int(round(dev_fraction * len(chosen))))
+  parts = {'test': chosen[:n_test], 'dev': chosen[n_test:n_test + n_dev],
+           'train': chosen[n_test + n_dev:]}
+  if train_passages > 0:
+    parts['train'] = parts['train'][:train_passages]
+
+  def examples(ps):
+    texts, labels = [], []
+    for j, p in enumerate(ps):
+      words = p.split()
+      if j % 2:
+        order = rng.permutation(len(words))
+        while (order == np.arange(len(words))).all():
+          order = rng.permutation(len(words))
+        p = ' '.join(words[k] for k in order)
+      texts.append(p)
+      labels.append(j % 2)
+    return Examples(tuple(texts), None, np.asarray(labels, np.int32))
+
+  return _make(DEMO_ORDER, ('original', 'shuffled'),
+               *(examples(parts[s]) for s in ('train', 'dev', 'test')),
+               passage_words=passage_words, num_passages=len(chosen))
+
+
 # ------------------------------------------------------------------- TSV / CSV
 
 
@@ -331,10 +387,10 @@ def kind(task: str) -> str:
   """'glue', 'demo' or 'table' for a --task string; raises if it is none."""
   if task.startswith('glue/'):
     return 'glue'
-  if task == DEMO_ARTICLES:
+  if task in (DEMO_ARTICLES, DEMO_ORDER):
     return 'demo'
   if task.lower().endswith(('.tsv', '.csv')):
     return 'table'
   raise ValueError(f'Unknown --task={task!r}: give glue/NAME (one of '
-                   f'{sorted(GLUE)}), {DEMO_ARTICLES!r}, or a path to a '
+                   f'{sorted(GLUE)}), {DEMO_ARTICLES!r}, {DEMO_ORDER!r}, or a path to a '
                    '.tsv/.csv file of (text, label) rows.')
