@@ -281,3 +281,42 @@ def test_cli_unprepared_glue_is_a_clear_error(fake_run, tmp_path):
   assert out.returncode != 0
   assert 'glue/sst2 is not prepared' in out.stderr
   assert 'tfds build glue/sst2' in out.stderr
+
+
+def test_glue_task_reads_a_prepared_array_record_dir(tmp_path):
+  """A stand-in for a prepared glue/sst2 (same directory layout, features
+  and splits), written here because nothing may be downloaded."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class Glue(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version('2.0.0')
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='sst2')]
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.
+                                   FeaturesDict({
+                                       'sentence': tfds.features.Text(),
+                                       'label': tfds.features.ClassLabel(
+                                           names=['negative', 'positive']),
+                                       'idx': np.int32}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(40),
+              'validation': self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {'sentence': f'sentence {i}', 'label': i % 2, 'idx': i}
+
+  data_dir = str(tmp_path / 'tfds')
+  tfds.disable_progress_bar()
+  Glue(config='sst2', data_dir=data_dir,
+       file_format='array_record').download_and_prepare()
+  t = labelled.glue_task('glue/sst2', data_dir)
+  assert t.label_names == ('negative', 'positive')
+  assert (len(t.train), len(t.dev), len(t.test)) == (38, 2, 6)
+  assert sorted(t.test.text_a) == [f'sentence {i}' for i in range(6)]
+  for ex in (t.train, t.test):
+    assert [int(s.split()[1]) % 2 for s in ex.text_a] == ex.labels.tolist()
+  assert t.test.text_b is None
