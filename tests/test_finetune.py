@@ -28,7 +28,7 @@ def pretrained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('pretrained') / 'run')
   out = subprocess.run(
       [sys.executable, '-m', 'mlm_jax.main', f'--workdir={workdir}',
-       f'--config.data.data_dir={data_dir}', *PRETRAIN_FLAGS],
+       *PRETRAIN_FLAGS, f'--config.data.data_dir={data_dir}'],
       cwd=tiny.ROOT, env=tiny.subprocess_env(), capture_output=True,
       text=True, timeout=3600)
   assert out.returncode == 0, out.stderr[-3000:]
