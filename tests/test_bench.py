@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import bench
+from mlm_jax import bench_peers
 from mlm_jax import metrics
 from mlm_jax import model
 
@@ -31,7 +32,7 @@ def test_packed_rows_look_like_the_builders():
 
 
 def test_hf_tokenizer_has_our_special_ids():
-  tokenizer = bench.bert_tokenizer(100)
+  tokenizer = bench_peers.bert_tokenizer(100)
   assert len(tokenizer) == 100
   assert sorted(tokenizer.all_special_ids) == sorted(bench.SPECIAL_IDS)
   assert tokenizer.mask_token_id == bench.MASK
