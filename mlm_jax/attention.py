@@ -125,27 +125,42 @@ class SelfAttention(nnx.Module):
     self.dropout = dropout(cfg.attention_dropout_rate)
 
   def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
-               rngs):
+               rngs, queries_BxK=None):
+    """Attention of every position, or only of the positions `queries_BxK`.
+
+    With `queries_BxK` (indices into L), only those rows ask: keys and
+    values still come from every position, and the result is [B, K, D]
+    (the final layer of a sparse MLM step). Otherwise the result is
+    [B, L, D] (Q = L below).
+    """
     b, l, d = x_BxLxD.shape
     h = self.num_heads
-    split = lambda t: sharding.constrain(t.reshape(b, l, h, d // h), 'batch',
-                                         'length', 'heads', None)
-    q_BxLxHxDh = split(self.query(x_BxLxD))
+    split = lambda t: sharding.constrain(
+        t.reshape(b, t.shape[1], h, d // h), 'batch', 'length', 'heads', None)
+    xq_BxQxD, allowed_BxQxL, q_positions_BxQ = (x_BxLxD, allowed_BxLxL,
+                                                positions_BxL)
+    if queries_BxK is not None:
+      rows = lambda t: jnp.take_along_axis(
+          t, queries_BxK.reshape(*queries_BxK.shape, *[1] * (t.ndim - 2)),
+          axis=1)
+      xq_BxQxD, allowed_BxQxL, q_positions_BxQ = (
+          rows(x_BxLxD), rows(allowed_BxLxL), rows(positions_BxL))
+    q_BxQxHxDh = split(self.query(xq_BxQxD))
     k_BxLxHxDh = split(self.key(x_BxLxD))
     if self.rope_base is not None:
-      q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.rope_base)
+      q_BxQxHxDh = rope(q_BxQxHxDh, q_positions_BxQ, self.rope_base)
       k_BxLxHxDh = rope(k_BxLxHxDh, positions_BxL, self.rope_base)
     v_BxLxHxDh = split(self.value(x_BxLxD))
     if not deterministic and self.dropout.rate > 0:
       # Only reachable with 'xla': check_implementation refuses cudnn here.
-      out_BxLxHxDh = reference_attention(
-          q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxLxL,
+      out_BxQxHxDh = reference_attention(
+          q_BxQxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxQxL,
           lambda p: self.dropout(p, deterministic=False, rngs=rngs))
     else:
-      out_BxLxHxDh = jax.nn.dot_product_attention(
-          q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=allowed_BxLxL[:, None],
+      out_BxQxHxDh = jax.nn.dot_product_attention(
+          q_BxQxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=allowed_BxQxL[:, None],
           implementation=self.implementation)
-    return self.out(out_BxLxHxDh.reshape(b, l, d))
+    return self.out(out_BxQxHxDh.reshape(b, -1, d))
 
 
 def log_choice(cfg: 'model_lib.ModelConfig') -> None:

@@ -304,7 +304,7 @@ def train_bench() -> dict:
   # The peers run HF's dense head (every position) over the unpadded vocab.
   hf_flops = metrics.train_flops(
       dataclasses.replace(mcfg, vocab_multiple=1), seq_len, real_tokens,
-      batch * seq_len)
+      batch * seq_len, sparse_last_layer=False)
   peer_batches = (peers.hf_batches(ids_BxL, 4, vocab_size, _RATE.value)
                   if {'hf_flax', 'hf_torch'} & set(names) else [])
   if 'hf_flax' in names:

@@ -55,7 +55,8 @@ def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32,
   return 2.0 * n ** 3 / best
 
 
-def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
+def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int,
+                sparse_last_layer: bool = True) -> float:
   """FLOPs of one training step (forward + backward = 3x forward).
 
   Counts matmuls on real (non-pad) tokens, i.e. 6 x the non-embedding
@@ -64,13 +65,22 @@ def train_flops(cfg, seq_len: int, real_tokens: int, predictions: int) -> float:
   full score matrix); and the MLM head at every executed prediction slot
   (the sparse head runs on max_predictions slots per row; a dense head, as
   Hugging Face's, on every position: pass predictions = B x L for it).
+  With `sparse_last_layer` (ours: model.BertForMLM), the final layer runs
+  at every token only for its keys and values, and at the prediction slots
+  for the rest (queries, attention, output projection, MLP); pass False for
+  a model that runs every layer at every position (Hugging Face's).
   """
   d, f = cfg.hidden_dim, cfg.mlp_dim
   mlp_matrices = 3 if cfg.activation == 'geglu' else 2  # GeGLU: two in, one out
-  per_token = cfg.num_layers * (2 * (4 * d * d + mlp_matrices * d * f) +
-                                4 * seq_len * d)
+  keys_values = 2 * (2 * d * d)
+  queries_and_rest = 2 * (2 * d * d + mlp_matrices * d * f) + 4 * seq_len * d
+  dense_layers = cfg.num_layers - (1 if sparse_last_layer else 0)
+  per_token = dense_layers * (keys_values + queries_and_rest)
   # The decoder runs over the padded vocabulary.
   per_prediction = 2 * (d * d + d * cfg.padded_vocab_size)
+  if sparse_last_layer:
+    per_token += keys_values
+    per_prediction += queries_and_rest
   return 3.0 * (real_tokens * per_token + predictions * per_prediction)
 
 

@@ -13,6 +13,10 @@ layers and LayerNorms; `local_window` with `global_every` alternates sliding
 window and global attention; `vocab_multiple` pads the vocabulary; `remat`
 and `scan_layers` trade compute for memory and compile time.
 
+Training is sparse at the top: `BertForMLM` runs the MLM head, and all of
+the final layer except its keys and values, only at the K positions it
+predicts (exact: nothing else reads the last layer's other outputs).
+
 Shape letters used in names:
   B batch, L sequence length, K predictions per row, D hidden size,
   H attention heads, Dh head size (D / H), F MLP size, V vocabulary size
@@ -278,15 +282,25 @@ class Block(nnx.Module):
     return self.mlp_out(h_BxLxF)
 
   def __call__(self, x_BxLxD, allowed_BxLxL, positions_BxL, *, deterministic,
-               rngs):
+               rngs, queries_BxK=None):
+    """[B, L, D] -> [B, L, D]; or [B, K, D] at the positions `queries_BxK`.
+
+    Every sublayer but attention's keys and values works token by token, so
+    outputs wanted only at K positions need only those rows computed: the
+    final layer of a sparse MLM step (Q = L or K below).
+    """
     drop = lambda t: self.dropout(t, deterministic=deterministic, rngs=rngs)
     attend = lambda t: self.attention(t, allowed_BxLxL, positions_BxL,
-                                      deterministic=deterministic, rngs=rngs)
+                                      deterministic=deterministic, rngs=rngs,
+                                      queries_BxK=queries_BxK)
+    x_BxQxD = x_BxLxD
+    if queries_BxK is not None:
+      x_BxQxD = jnp.take_along_axis(x_BxLxD, queries_BxK[..., None], axis=1)
     if self.pre_ln:
-      x_BxLxD = x_BxLxD + drop(attend(self.attention_norm(x_BxLxD)))
-      return x_BxLxD + drop(self._mlp(self.mlp_norm(x_BxLxD)))
-    x_BxLxD = self.attention_norm(x_BxLxD + drop(attend(x_BxLxD)))
-    return self.mlp_norm(x_BxLxD + drop(self._mlp(x_BxLxD)))
+      x_BxQxD = x_BxQxD + drop(attend(self.attention_norm(x_BxLxD)))
+      return x_BxQxD + drop(self._mlp(self.mlp_norm(x_BxQxD)))
+    x_BxQxD = self.attention_norm(x_BxQxD + drop(attend(x_BxLxD)))
+    return self.mlp_norm(x_BxQxD + drop(self._mlp(x_BxQxD)))
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -317,18 +331,26 @@ class Encoder(nnx.Module):
     """(block params, x, allowed, positions, dropout key) -> x, rematted."""
     cfg = self.config
 
-    def apply(params, x_BxLxD, allowed_BxLxL, positions_BxL, key):
+    def apply(params, x_BxLxD, allowed_BxLxL, positions_BxL, key,
+              queries_BxK=None):
       block = nnx.merge(graphdef, params)
       rngs = None if key is None else nnx.Rngs(dropout=key)
       return block(x_BxLxD, allowed_BxLxL, positions_BxL,
-                   deterministic=deterministic, rngs=rngs)
+                   deterministic=deterministic, rngs=rngs,
+                   queries_BxK=queries_BxK)
 
     if cfg.remat == 'none':
       return apply
     return jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat])
 
   def __call__(self, ids_BxL, segment_ids_BxL, token_types_BxL=None, *,
-               deterministic=True, rngs=None):
+               deterministic=True, rngs=None, outputs_at_BxK=None):
+    """[B, L, D] vectors; or [B, K, D] at the positions `outputs_at_BxK`.
+
+    With `outputs_at_BxK` the final layer runs only at those positions (its
+    keys and values still see every token), which is exact: no other
+    position's output of the last layer reaches them.
+    """
     cfg = self.config
     positions_BxL = positions_from_segments(segment_ids_BxL)
     same_segment_BxLxL = attention.segment_mask(segment_ids_BxL)
@@ -354,6 +376,7 @@ class Encoder(nnx.Module):
 
     key_of = lambda i: (None if layer_key is None
                         else jax.random.fold_in(layer_key, i))
+    last = cfg.num_layers - 1
     if cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
       apply = self._layer_fn(graphdef, deterministic)
@@ -363,23 +386,32 @@ class Encoder(nnx.Module):
         return pin(apply(layer_params, x_BxLxD, allowed(i), positions_BxL,
                          key_of(i))), None
 
-      x_BxLxD, _ = jax.lax.scan(body, x_BxLxD,
-                                (params, jnp.arange(cfg.num_layers)))
+      # The scan runs every layer but the last, which may be sparse.
+      x_BxLxD, _ = jax.lax.scan(
+          body, x_BxLxD,
+          (jax.tree.map(lambda p: p[:last], params), jnp.arange(last)))
+      x_BxLxD = apply(jax.tree.map(lambda p: p[last], params), x_BxLxD,
+                      allowed(last), positions_BxL, key_of(last),
+                      outputs_at_BxK)
     else:
       for i, block in enumerate(self.blocks):
+        queries_BxK = outputs_at_BxK if i == last else None
         if cfg.remat == 'none':
           x_BxLxD = block(x_BxLxD, allowed(i), positions_BxL,
                           deterministic=deterministic,
                           rngs=None if layer_key is None
-                          else nnx.Rngs(dropout=key_of(i)))
+                          else nnx.Rngs(dropout=key_of(i)),
+                          queries_BxK=queries_BxK)
         else:
           graphdef, params = nnx.split(block)
           x_BxLxD = self._layer_fn(graphdef, deterministic)(
-              params, x_BxLxD, allowed(i), positions_BxL, key_of(i))
-        x_BxLxD = pin(x_BxLxD)
+              params, x_BxLxD, allowed(i), positions_BxL, key_of(i),
+              queries_BxK)
+        if i < last:
+          x_BxLxD = pin(x_BxLxD)
     if self.final_norm is not None:
       x_BxLxD = self.final_norm(x_BxLxD)
-    return x_BxLxD
+    return x_BxLxD  # [B, K, D] when outputs_at_BxK is given
 
 
 class MLMHead(nnx.Module):
@@ -421,7 +453,7 @@ class BertForMLM(nnx.Module):
 
   def __call__(self, ids_BxL, segment_ids_BxL, positions_BxK, *,
                token_types_BxL=None, deterministic=True, rngs=None):
-    """Logits only at `positions_BxK`: the vocabulary projection is sparse.
+    """Logits only at `positions_BxK`: the last layer and head are sparse.
 
     Args:
       ids_BxL: token ids.
@@ -435,9 +467,10 @@ class BertForMLM(nnx.Module):
     Returns:
       float32 logits_BxKxV (V: the padded vocabulary).
     """
-    h_BxLxD = self.encoder(ids_BxL, segment_ids_BxL, token_types_BxL,
-                           deterministic=deterministic, rngs=rngs)
-    h_BxKxD = jnp.take_along_axis(h_BxLxD, positions_BxK[..., None], axis=1)
+    # The final layer runs only at the K positions (Encoder.__call__).
+    h_BxKxD = self.encoder(ids_BxL, segment_ids_BxL, token_types_BxL,
+                           deterministic=deterministic, rngs=rngs,
+                           outputs_at_BxK=positions_BxK)
     return self.mlm_head(h_BxKxD, self.encoder.embeddings.word.embedding[...])
 
 

@@ -99,10 +99,15 @@ def test_train_flops_by_hand_for_our_sparse_head_and_hfs_dense_head():
   # Per prediction: the head's dense transform (8 x 8) and decoder (8 x 100).
   per_prediction = 2 * (64 + 8 * 100)
   tokens = batch * seq_len
+  # Ours: layer 1 at every token; layer 2 only its keys and values (2 x 8
+  # x 8) there, and the rest (Q, O, MLP, attention) at the 2 x k slots.
+  keys_values = 2 * 2 * 64
   assert metrics.train_flops(cfg, seq_len, tokens, batch * k) == (
-      3 * (tokens * per_token + batch * k * per_prediction))
-  # HF's dense head runs at every position.
-  assert metrics.train_flops(cfg, seq_len, tokens, tokens) == (
+      3 * (tokens * (per_token // 2 + keys_values) +
+           batch * k * (per_prediction + per_token // 2 - keys_values)))
+  # HF: every layer and the dense head run at every position.
+  assert metrics.train_flops(cfg, seq_len, tokens, tokens,
+                             sparse_last_layer=False) == (
       3 * tokens * (per_token + per_prediction))
 
 
@@ -134,7 +139,7 @@ def test_train_bench_times_all_contenders(tmp_path):
       metrics.train_flops(cfg, 16, 32, 2 * 2))
   for peer in ('hf_flax', 'hf_torch'):
     assert r['contenders'][peer]['flops_per_step'] == pytest.approx(
-        metrics.train_flops(cfg, 16, 32, 32))
+        metrics.train_flops(cfg, 16, 32, 32, sparse_last_layer=False))
 
 
 def test_e2e_bench_reports_the_loop_the_bare_step_and_packing(tmp_path,

@@ -412,3 +412,24 @@ def test_every_variant_trains_and_its_loss_falls(name):
   assert np.isfinite(losses).all()
   # The deeper modern recipe falls more slowly in 100 steps (4.1 -> 3.0).
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize('knobs', [
+    {}, dict(model.RECIPES['modern'], num_layers=3),
+    {'scan_layers': True}, {'scan_layers': True, 'remat': 'full'},
+    {'remat': 'dots', 'num_layers': 1}])
+def test_final_layer_at_the_prediction_positions_only_is_exact(knobs):
+  """outputs_at_BxK runs the last layer at K rows: the same vectors as the
+  full encoder there (padding, packed segments, duplicate positions)."""
+  knobs = {'num_layers': 2, **knobs}
+  cfg = model.ModelConfig(vocab_size=100, hidden_dim=32, num_heads=4,
+                          mlp_dim=64, max_len=16, **knobs)
+  m = model.create(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(5, 100, (3, 16)), jnp.int32)
+  seg = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3] * 3, jnp.int32)
+  at_BxK = jnp.asarray([[0, 5, 6, 6], [15, 1, 2, 3], [12, 12, 0, 9]])
+  full = jnp.take_along_axis(m.encoder(ids, seg), at_BxK[..., None], axis=1)
+  sparse = m.encoder(ids, seg, outputs_at_BxK=at_BxK)
+  assert sparse.shape == (3, 4, 32)
+  np.testing.assert_allclose(sparse, full, atol=1e-6)

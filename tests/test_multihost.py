@@ -5,7 +5,6 @@ multi-controller runtime, as on a pod): each reads only its half of every
 global batch, checkpoints are written collectively, and only process 0
 writes metrics.
 """
-import os
 import socket
 import subprocess
 import sys

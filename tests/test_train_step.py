@@ -121,7 +121,16 @@ def test_train_flops_is_six_times_the_non_embedding_params_per_token():
         x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
         if x.ndim == 2 and 'blocks' in jax.tree_util.keystr(path))
     per_token = metrics.train_flops(cfg, seq_len=16, real_tokens=1,
-                                    predictions=0)
+                                    predictions=0, sparse_last_layer=False)
     assert per_token == 6 * matrices + 12 * 2 * 64 * 16
-    per_prediction = metrics.train_flops(cfg, 16, 0, 1)
+    per_prediction = metrics.train_flops(cfg, 16, 0, 1,
+                                         sparse_last_layer=False)
     assert per_prediction == 6 * (64 * 64 + 64 * 1024)
+    # Ours (sparse last layer): every token runs layer 1 and the last
+    # layer's keys and values; each prediction slot the rest of the last
+    # layer (its other matrices and attention) and the head.
+    kv = 2 * 64 * 64
+    assert metrics.train_flops(cfg, 16, 1, 0) == (
+        6 * (matrices // 2 + kv) + 12 * 64 * 16)
+    assert metrics.train_flops(cfg, 16, 0, 1) == (
+        per_prediction + 6 * (matrices // 2 - kv) + 12 * 64 * 16)
