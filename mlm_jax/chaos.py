@@ -6,9 +6,9 @@
 Runs `mlm_jax.main` once without interruption (WORKDIR/reference), then again
 in WORKDIR/chaos, killing it KILLS times with SIGKILL or SIGTERM (both kinds,
 in random order) at random moments and rerunning the same command each time,
-then once more to the end. A quarter of the kills land during start-up; the
-others at a random moment of the training left, timed by the reference
-run's seconds per step. The verdict compares the two final checkpoints
+then once more to the end. A quarter of the kills land during start-up (or
+as training starts, if the start-up is over first); the others at a random
+moment of the training left, timed by the reference run's seconds per step. The verdict compares the two final checkpoints
 (parameters, optimizer state, step, RNG, data position) bit for bit, and the
 eval metrics at every eval step. Exit status 0 if identical, 1 if not.
 
@@ -17,6 +17,7 @@ The `--config` and `--config.*` flags are passed to `mlm_jax.main` as given.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -66,24 +67,39 @@ def _log_time(line: str) -> float:
 
 
 def _seconds_per_step(log_path: str) -> float:
-  """Training seconds per step of a finished run, from its log."""
+  """Training seconds per step of a finished run, from its log.
+
+  Measured between the first and last progress lines (`step N/M ...`), so
+  the first step's compilation is left out: a later run may compile from
+  the persistent cache, or not at all, and must not be timed by it.
+  """
   with open(log_path) as f:
     lines = f.read().splitlines()
-  start = next(x for x in lines if 'Training steps' in x)
-  end = next(x for x in reversed(lines) if 'Stopped at step' in x)
-  steps = int(end.split('Stopped at step ')[1].split('/')[0]) - int(
-      start.split('Training steps ')[1].split('..')[0])
-  return max(_log_time(end) - _log_time(start), 0.0) / max(steps, 1)
+  progress = [(_log_time(x), int(m.group(1))) for x in lines
+              for m in [re.search(r'\] step (\d+)/\d+ ', x)] if m]
+  if len(progress) < 2:  # too few windows: the whole training phase
+    start = next(x for x in lines if 'Training steps' in x)
+    end = next(x for x in reversed(lines) if 'Stopped at step' in x)
+    progress = [
+        (_log_time(start),
+         int(start.split('Training steps ')[1].split('..')[0])),
+        (_log_time(end),
+         int(end.split('Stopped at step ')[1].split('/')[0]))]
+  (t0, s0), (t1, s1) = progress[0], progress[-1]
+  return max(t1 - t0, 0.0) / max(s1 - s0, 1)
 
 
-def _wait_for_line(log_path: str, offset: int, text: str, proc):
-  """Waits until TEXT appears in the log after OFFSET, or the process ends."""
-  while proc.poll() is None:
+def _wait_for_line(log_path: str, offset: int, text: str, proc,
+                   deadline: float = float('inf')) -> bool:
+  """Waits until TEXT appears in the log after OFFSET (True), or the process
+  ends or the time.time() DEADLINE passes (False)."""
+  while proc.poll() is None and time.time() < deadline:
     with open(log_path) as f:
       f.seek(offset)
       if text in f.read():
-        return
-    time.sleep(0.1)
+        return True
+    time.sleep(0.05)
+  return False
 
 
 def _newest_step(workdir: str):
@@ -151,7 +167,13 @@ def main(argv):
       # A quarter of the kills land during start-up (imports, data, restore),
       # the rest at a random moment of the training that is left.
       if rng.random() < 0.25:
-        moment, wait = 'during start-up', rng.uniform(0, _STARTUP.value)
+        # At a random moment of the first --startup_seconds, or as training
+        # starts if that comes first (a start-up can be quicker than that
+        # window, e.g. with a warm compilation cache): it always lands.
+        moment, wait = 'during start-up', 0.0
+        if _wait_for_line(log_path, offset, 'Training steps', proc,
+                          start + rng.uniform(0, _STARTUP.value)):
+          moment = 'as training started'
       else:
         _wait_for_line(log_path, offset, 'Training steps', proc)
         moment = 'while training'

@@ -54,7 +54,11 @@ def test_sigterm_saves_the_step_and_exits_0(data_dir, tmp_path):
 def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
   cmd = [sys.executable, '-m', 'mlm_jax.chaos', '--config=configs/cpu.py',
          f'--workdir={tmp_path}', '--kills=5', '--seed=1',
-         *tiny.flags(data_dir, num_steps=12, checkpoint_every=3)]
+         # Long enough that every kill lands before the end, even when
+         # start-ups compile from the suite's persistent cache and a
+         # tiny step takes milliseconds.
+         *tiny.flags(data_dir, num_steps=300, checkpoint_every=30,
+                     log_every=10, eval_every=100)]
   out = subprocess.run(cmd, cwd=tiny.ROOT, env=tiny.subprocess_env(),
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr[-3000:]
