@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.async_checkpointing = True    # write checkpoints in the background
   c.init_from = ''                # params-only checkpoint to start from when the workdir has none ('' = random init)
   c.nonfinite = 'stop'            # non-finite loss/gradient: 'stop' the run, or 'skip' the update (counted)
+  c.keep_freed_host_memory = True  # CPU-only runs: glibc keeps freed memory, so XLA:CPU does not page-fault its buffers every step (host_memory.py)
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up by device kind (none on CPU)
 
   c.model = ml_collections.ConfigDict()

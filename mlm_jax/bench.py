@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from mlm_jax import bench_peers as peers
+from mlm_jax import host_memory
 from mlm_jax import masking
 from mlm_jax import metrics
 from mlm_jax.data import tokenizer as tokenizer_lib
@@ -65,6 +66,9 @@ _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False,
 _STEPS = flags.DEFINE_integer('steps', 30, 'e2e: loop steps after warm-up.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', "e2e: data.data_dir ('': "
                                 'the default cache).')
+_KEEP_FREED = flags.DEFINE_bool(
+    'keep_freed_memory', True, 'host_memory.keep_freed_memory() first (CPU '
+    'only; one process, so every contender alike).')
 _DATA_VOCAB = flags.DEFINE_integer('data_vocab_size', 8192,
                                    "e2e: the demo tokenizer's vocabulary.")
 
@@ -255,7 +259,8 @@ def _threads() -> int:
 
 def _versions() -> dict:
   out = {'device_kind': jax.devices()[0].device_kind,
-         'jax_version': jax.__version__}
+         'jax_version': jax.__version__,
+         'keep_freed_memory': host_memory.applied()}
   for name in ('transformers', 'torch'):
     try:
       out[f'{name}_version'] = __import__(name).__version__
@@ -456,7 +461,8 @@ def print_e2e(result: dict) -> None:
         'phase')
   print(f"device {result['device_kind']}, {result['threads']} threads, jax "
         f"{result['jax_version']}, commit {result['commit']}, load "
-        f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
+        f"{result['load_before']:.2f} -> {result['load_after']:.2f}"
+        f"{', freed memory kept' if result['keep_freed_memory'] else ''}")
   print(f"packing efficiency (real tokens / all positions): "
         f"{result['packing_efficiency']:.4f}")
   print(f"bare step: {result['bare_tokens_per_s']:,.0f} real tokens/s "
@@ -496,7 +502,8 @@ def print_train(result: dict) -> None:
         f"{result['transformers_version']}, torch {result['torch_version']}"
         f"{' (compiled)' if result['torch_compile'] else ''}, commit "
         f"{result['commit']}, load {result['load_before']:.2f} -> "
-        f"{result['load_after']:.2f}")
+        f"{result['load_after']:.2f}"
+        f"{', freed memory kept' if result['keep_freed_memory'] else ''}")
   print(f"peak {result['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
         f"({result['peak_source']}); {result['real_tokens_per_step']} real "
         'tokens per step')
@@ -519,6 +526,8 @@ def main(argv):
     raise app.UsageError(f'Usage: python -m mlm_jax.bench '
                          f'{{{"|".join(SUBCOMMANDS)}}} [--flags]')
   run, show = SUBCOMMANDS[argv[1]]
+  if _KEEP_FREED.value:  # before anything starts a backend
+    host_memory.keep_freed_memory()
   result = run()
   show(result)
   if _JSON.value:

@@ -9,6 +9,7 @@ import jax
 from ml_collections import config_flags
 
 from mlm_jax import checkpoint
+from mlm_jax import host_memory
 from mlm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,6 +51,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logs()
+  if _CONFIG.value.keep_freed_host_memory:  # before anything starts a backend
+    host_memory.keep_freed_memory()
   initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                          _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),

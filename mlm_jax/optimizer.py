@@ -1,5 +1,6 @@
 """The optax chain: global-norm clipping, AdamW with a decay mask, schedule."""
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -25,9 +26,33 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create(config) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm that can take the norm the caller has.
+
+  `tx.update(grads, state, params, grad_norm=norm)` skips reading every
+  gradient once more for the norm (train_step computes it anyway, for its
+  non-finite check and metrics); without `grad_norm` it computes it. Same
+  state (none) as optax's.
+  """
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    if grad_norm is None:
+      grad_norm = optax.global_norm(updates)
+    # One scalar factor, so XLA fuses the product into Adam's moment updates
+    # instead of writing the clipped gradients out (optax divides each one).
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def create(config) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
+      clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1,
                   b2=config.adam_b2, eps=config.adam_eps,
                   weight_decay=config.weight_decay, mask=decay_mask),

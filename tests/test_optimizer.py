@@ -1,0 +1,70 @@
+"""optimizer: our global-norm clip against optax's, and the chain's state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from mlm_jax import optimizer
+
+
+def _grads(scale):
+  keys = jax.random.split(jax.random.key(0), 3)
+  return {'w': scale * jax.random.normal(keys[0], (64, 32)),
+          'layer': {'bias': scale * jax.random.normal(keys[1], (32,)),
+                    'scale': scale * jax.random.normal(keys[2], (32,))}}
+
+
+@pytest.mark.parametrize('scale', [1e-3, 1.0, 1e3])  # below and above max
+def test_clip_equals_optax_with_and_without_the_norm_given(scale):
+  grads = _grads(scale)
+  ours = optimizer.clip_by_global_norm(1.0)
+  theirs = optax.clip_by_global_norm(1.0)
+  want, _ = theirs.update(grads, theirs.init(grads))
+  got, _ = ours.update(grads, ours.init(grads))
+  given, _ = ours.update(grads, ours.init(grads),
+                         grad_norm=optax.global_norm(grads))
+  for a, b, c in zip(*map(jax.tree.leaves, (want, got, given))):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(c, b)
+  clipped_norm = float(optax.global_norm(got))
+  assert clipped_norm == pytest.approx(min(float(optax.global_norm(grads)),
+                                           1.0), rel=1e-6)
+
+
+def test_chain_state_is_optax_chains_and_grad_norm_reaches_the_clip():
+  config = base.get_config()
+  params = jax.tree.map(jnp.ones_like, _grads(1.0))
+  grads = _grads(1e3)  # clipped
+  tx = optimizer.create(config)
+  reference = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(optimizer.learning_rate_schedule(config),
+                  b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                  weight_decay=config.weight_decay,
+                  mask=optimizer.decay_mask))
+  # Same state structure: checkpoints written before the custom clip load.
+  assert (jax.tree.structure(tx.init(params)) ==
+          jax.tree.structure(reference.init(params)))
+  # Two steps, so the schedule's learning rate is not 0.
+  state, ref_state, given_state = (t.init(params) for t in (tx, reference, tx))
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    ref_updates, ref_state = reference.update(grads, ref_state, params)
+    given, given_state = tx.update(grads, given_state, params,
+                                   grad_norm=optax.global_norm(grads))
+  for a, b, c in zip(*map(jax.tree.leaves, (ref_updates, updates, given))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(c, b)
+  # A norm passed in is used, not recomputed: Adam's first moment holds the
+  # clipped gradient (10x smaller with a norm 10x too large), the second
+  # moment its square.
+  true_norm = optax.global_norm(grads)
+  _, wrong = tx.update(grads, tx.init(params), params,
+                       grad_norm=10 * true_norm)
+  _, right = tx.update(grads, tx.init(params), params)
+  for name, factor in (('mu', 10), ('nu', 100)):
+    for a, b in zip(*(jax.tree.leaves(optax.tree_utils.tree_get(s, name))
+                      for s in (wrong, right))):
+      np.testing.assert_allclose(a, b / factor, rtol=1e-5, atol=1e-20)
