@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mlm_jax import host_memory
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax.data import labelled
@@ -339,6 +340,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
+  host_memory.keep_freed_memory()  # before anything starts a backend
   result = finetune(
       args.workdir, args.task, steps=args.steps, batch_size=args.batch_size,
       learning_rate=args.learning_rate, warmup_fraction=args.warmup_fraction,

@@ -14,7 +14,7 @@ client, whose threads take their arenas when they first allocate.
 
 The cost is resident memory: the heap never shrinks, and fragmentation can
 leave it a temporary buffer or two larger than the peak need (BERT-base at
-8 x 128: 3.9 GB, then 7.0 GB after a few steps, then steady). It applies
+8 x 128: 3.8 GiB, then 6.9 GiB after a few steps, then steady). It applies
 only to CPU-only processes on glibc: on a GPU/TPU host the large buffers are
 device memory, and one arena would serialise the host threads' malloc calls
 (the data loader's).
