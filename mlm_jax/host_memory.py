@@ -5,7 +5,8 @@ BERT-base train step at 8 x 128). glibc serves a request that large with a
 fresh mmap and munmaps it when it is freed, so the kernel zero-fills the
 whole buffer again, one 4 KiB page fault at a time, on every step: about
 400,000 faults and 1 s of kernel CPU time per BERT-base step on the 2-core
-dev machine, a tenth of the step (BENCHMARKS.md, speed work).
+dev machine, where the step went from 4.65 s to 4.1-4.4 s without them
+(BENCHMARKS.md, speed work).
 
 `keep_freed_memory()` has glibc keep freed memory for reuse instead: one
 arena (a thread's own arena cannot hold a block over 64 MiB, so it would
