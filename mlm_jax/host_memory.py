@@ -42,7 +42,8 @@ def cpu_only() -> bool:
   JAX_PLATFORMS (or jax_platforms) decides when set; otherwise JAX takes an
   accelerator when a plugin for one is installed (jax_plugins, libtpu).
   """
-  platforms = jax.config.jax_platforms
+  platforms = (getattr(jax.config, 'jax_platforms', None) or
+               os.environ.get('JAX_PLATFORMS', ''))
   if platforms:
     return all(p.strip() == 'cpu' for p in platforms.split(','))
   if importlib.util.find_spec('libtpu') is not None:
