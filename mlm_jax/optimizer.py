@@ -1,4 +1,5 @@
-"""The optax chain: global-norm clipping, AdamW with a decay mask, schedule."""
+"""The optax chain: global-norm clipping, AdamW with a decay mask, schedule;
+and the update that a non-finite step skips."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,3 +58,20 @@ def create(config) -> optax.GradientTransformationExtraArgs:
                   b2=config.adam_b2, eps=config.adam_eps,
                   weight_decay=config.weight_decay, mask=decay_mask),
   )
+
+
+def update_if(finite, tx, grads, params, opt_state, grad_norm):
+  """(params, opt_state) after one update of `tx`, or unchanged if not finite.
+
+  A lax.cond, not a where per leaf: selecting between new and old made XLA
+  copy the old Adam moments every step (BENCHMARKS.md, speed work).
+  `grad_norm` (of `grads`) goes to the clip, which then need not recompute it.
+  """
+  def update(grads_params_opt):
+    grads, params, opt_state = grads_params_opt
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_norm=grad_norm)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.lax.cond(finite, update, lambda args: args[1:],
+                      (grads, params, opt_state))

@@ -172,19 +172,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx,
   grad_norm = optax.global_norm(grads)
   # A step with a non-finite loss or gradient changes nothing but the step
   # count: the state stays finite, and the loop skips or stops per config.
-  # A cond, not a where per leaf: selecting between new and old made XLA
-  # copy the old Adam moments each step (BENCHMARKS.md, speed work).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(grads_params_opt):
-    grads, params, opt_state = grads_params_opt
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   grad_norm=grad_norm)
-    return optax.apply_updates(params, updates), opt_state
-
-  params, opt_state = jax.lax.cond(
-      finite, update, lambda grads_params_opt: grads_params_opt[1:],
-      (grads, state.params, state.opt_state))
+  params, opt_state = optimizer.update_if(finite, tx, grads, state.params,
+                                          state.opt_state, grad_norm)
   telemetry = reduce(mask_telemetry(masked, masker.special_ids))
   # Special tokens chosen per step (a count, not a per-device mean).
   telemetry['special_masked'] = telemetry['special_masked'].at[1].set(1.0)

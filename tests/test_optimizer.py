@@ -68,3 +68,25 @@ def test_chain_state_is_optax_chains_and_grad_norm_reaches_the_clip():
     for a, b in zip(*(jax.tree.leaves(optax.tree_utils.tree_get(s, name))
                       for s in (wrong, right))):
       np.testing.assert_allclose(a, b / factor, rtol=1e-5, atol=1e-20)
+
+
+def test_update_if_applies_a_finite_step_and_keeps_the_state_otherwise():
+  config = base.get_config()
+  params = jax.tree.map(jnp.ones_like, _grads(1.0))
+  grads = _grads(1.0)
+  tx = optimizer.create(config)
+  opt_state = tx.init(params)
+  norm = optax.global_norm(grads)
+  updates, want_state = tx.update(grads, opt_state, params)
+  want = optax.apply_updates(params, updates)
+  got, got_state = jax.jit(optimizer.update_if, static_argnums=1)(
+      jnp.bool_(True), tx, grads, params, opt_state, norm)
+  for a, b in zip(jax.tree.leaves((want, want_state)),
+                  jax.tree.leaves((got, got_state))):
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+  bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+  kept, kept_state = jax.jit(optimizer.update_if, static_argnums=1)(
+      jnp.bool_(False), tx, bad, params, opt_state, jnp.float32(jnp.nan))
+  for a, b in zip(jax.tree.leaves((params, opt_state)),
+                  jax.tree.leaves((kept, kept_state))):
+    np.testing.assert_array_equal(b, a)
