@@ -67,7 +67,7 @@ def get_config(arg=None):
   c.mask.eval_rate = 0.15         # rate at eval, whatever the training rate
   c.mask.mask_prob = 0.8          # of those: replaced by [MASK]
   c.mask.random_prob = 0.1        # of those: replaced by a random non-special token
-  c.mask.max_predictions = 0      # static predictions per row; 0 = round(max train rate * seq_len)
+  c.mask.max_predictions = 0      # static predictions per row; 0 = floor(max train rate * seq_len + 0.5)
   c.mask.span_p = 0.2             # span strategy: geometric p of span lengths (in words)
   c.mask.span_max_words = 10      # span strategy: longest span (the law is truncated there)
 

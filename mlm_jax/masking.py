@@ -1,8 +1,9 @@
 """Masked-language-model masking: pure, jittable functions of explicit keys.
 
 Three strategies choose which tokens of a row are predicted, under a budget
-of K = round(rate * n) tokens for a row of n maskable tokens (special tokens
-are never chosen):
+of K tokens per row, where K = floor(rate * n + 0.5) (rate * n rounded half
+up) and n is the row's maskable tokens: its tokens that are not special
+([CLS], [SEP], [PAD], [UNK], [MASK]); special tokens are never chosen:
   token       K single tokens, uniformly at random (BERT): exactly K.
   whole_word  whole words in random order, each taken if it still fits the
               budget (BERT's whole-word masking); never splits a word.
@@ -21,7 +22,7 @@ tokens without editing this package. The function is called on one row,
 with a key of its own for that row, the row's token ids [L], whether each
 token may be chosen [L] bool (not special), whether a word begins there
 [L] bool (every maskable token when the Masker has no word_start_V), and the
-budget k (a scalar int32: round(rate * maskable tokens)); it returns [L]
+budget k (a scalar int32: K of the row, as above); it returns [L]
 bool, the tokens to predict. It is traced once under vmap and jit, so it
 uses jax.numpy and jax.random only. The Masker ignores chosen special
 tokens, keeps the first max_predictions of a row, and does the rest (the
@@ -75,7 +76,7 @@ class Masked(NamedTuple):
 
 
 def num_predictions(num_real: jax.Array, rate) -> jax.Array:
-  """K for a row with `num_real` maskable tokens: round half up of rate * n."""
+  """K = floor(rate * n + 0.5) for rows of n = `num_real` maskable tokens."""
   return jnp.floor(rate * num_real.astype(jnp.float32) + 0.5).astype(jnp.int32)
 
 

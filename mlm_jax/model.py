@@ -226,6 +226,20 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
 rope = attention.rope
 
 
+def _lookup(embed: nnx.Embed, ids_BxL: jax.Array) -> jax.Array:
+  """Rows of an embedding table, [B, L] -> [B, L, D], batch-sharded.
+
+  Under FSDP the table's embed axis is sharded; a gather from it would come
+  out split over embed, which XLA cannot reshard to the batch layout cheaply
+  ("Involuntary full rematerialization" on a data x fsdp x tensor mesh). So
+  the table is gathered whole first, as FSDP does with every other weight,
+  and the rows come out in the activations' layout.
+  """
+  table_VxD = sharding.constrain(embed.embedding[...], 'vocab', None)
+  x_BxLxD = jnp.take(table_VxD.astype(embed.dtype), ids_BxL, axis=0)
+  return sharding.constrain(x_BxLxD, 'batch', 'length', None)
+
+
 class Embeddings(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -243,13 +257,13 @@ class Embeddings(nnx.Module):
 
   def __call__(self, ids_BxL, positions_BxL, token_types_BxL, *, deterministic,
                rngs):
-    x_BxLxD = self.word(ids_BxL)
+    x_BxLxD = _lookup(self.word, ids_BxL)
     if self.token_type is not None:
       if token_types_BxL is None:
         token_types_BxL = jnp.zeros_like(ids_BxL)
-      x_BxLxD = x_BxLxD + self.token_type(token_types_BxL)
+      x_BxLxD = x_BxLxD + _lookup(self.token_type, token_types_BxL)
     if self.position is not None:
-      x_BxLxD = x_BxLxD + self.position(positions_BxL)
+      x_BxLxD = x_BxLxD + _lookup(self.position, positions_BxL)
     return self.dropout(self.norm(x_BxLxD), deterministic=deterministic,
                         rngs=rngs)
 

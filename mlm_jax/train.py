@@ -242,7 +242,7 @@ def validate_config(config):
   if config.mask.max_predictions and config.mask.max_predictions < needed:
     raise ValueError(
         f'mask.max_predictions={config.mask.max_predictions} is below '
-        f'round(max rate * seq_len)={needed}, so rows would be truncated; set it '
+        f'floor(max rate * seq_len + 0.5)={needed}, so rows would be truncated; set it '
         f'to 0 (automatic) or >= {needed}.')
   if config.parallelism not in ('pjit', 'pmap'):
     raise ValueError(f"parallelism={config.parallelism!r} must be 'pjit' or "
