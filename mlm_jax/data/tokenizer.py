@@ -217,6 +217,14 @@ def load(path: str) -> 'Tokenizer | HFTokenizer':
   return Tokenizer(processor)
 
 
+def from_model_bytes(kind: str, model_bytes: bytes) -> 'Tokenizer | HFTokenizer':
+  """The tokenizer whose `kind` and `model_bytes` these are (for workers)."""
+  if kind == 'hf':
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(tokenizers.Tokenizer.from_str(model_bytes.decode()))
+  return Tokenizer(spm.SentencePieceProcessor(model_proto=model_bytes))
+
+
 def train(source_docs: Iterable[str], vocab_size: int,
           out_path: str) -> Tokenizer:
   """Trains a unigram model on the lines of `source_docs`, writes `out_path`."""
