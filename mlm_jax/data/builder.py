@@ -85,7 +85,7 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, data_dir: str, documents: Callable[[], Iterable[str]],
                source_fingerprint: str, tokenizer: tokenizer_lib.Tokenizer,
                seq_len: int, eval_fraction: float, workers: int = 1,
-               chunk_chars: int = CHUNK_CHARS, files: list[str] = (),
+               chunk_chars: int = 0, files: list[str] = (),
                text_field: str = 'text'):
     """Describes one build; nothing is read until download_and_prepare().
 
@@ -98,8 +98,8 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       seq_len: row length L.
       eval_fraction: fraction of documents held out for 'validation'.
       workers: processes tokenizing and writing (1: all in this process).
-      chunk_chars: text per tokenizing task; chunks are also what a killed
-        build keeps.
+      chunk_chars: text per tokenizing task (0 = CHUNK_CHARS); chunks are
+        also what a killed build keeps.
       files: the source's files, for a Beam build (one task per file).
       text_field: the text field of record files, for a Beam build.
     """
@@ -110,7 +110,7 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._seq_len = seq_len
     self._eval_fraction = eval_fraction
     self._workers = workers
-    self._chunk_chars = chunk_chars
+    self._chunk_chars = chunk_chars or CHUNK_CHARS
     self._files = list(files)
     self._text_field = text_field
     key = json.dumps([

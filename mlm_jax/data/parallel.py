@@ -79,7 +79,18 @@ class Pool:
         yield fn(*args)
       return
     in_flight = collections.deque()
-    for fn, args in tasks:
+    tasks = iter(tasks)
+    while True:
+      try:
+        fn, args = next(tasks)
+      except StopIteration:
+        break
+      except Exception:
+        # A corrupt shard further on: let the tasks in flight finish, so the
+        # work they did is kept for the rerun.
+        for result in in_flight:
+          result.wait()
+        raise
       in_flight.append(self._pool.apply_async(fn, args))
       if len(in_flight) > 2 * self.workers:
         yield in_flight.popleft().get()

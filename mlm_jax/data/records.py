@@ -11,6 +11,7 @@ fails before any long work.
 from collections.abc import Iterator
 import bz2
 import gzip
+import io
 import json
 import os
 
@@ -18,6 +19,10 @@ JSONL = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.bz2', '.json.gz')
 PARQUET = ('.parquet',)
 ARROW = ('.arrow',)
 _BATCH_ROWS = 1024
+
+
+class RecordError(ValueError):
+  """A record file that cannot be read as one; the message names it."""
 
 
 def kind(path: str) -> str | None:
@@ -38,7 +43,9 @@ def open_binary(path: str, raw):
     return bz2.open(raw, 'rb')
   if path.endswith('.zst'):
     import zstandard  # pylint: disable=g-import-not-at-top
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    # BufferedReader: zstandard's reader is not line-iterable.
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
+        raw, read_across_frames=True))
   return raw
 
 
@@ -60,7 +67,7 @@ def hf_dataset_files(directory: str) -> list[str]:
 
 
 def _field_error(path: str, field: str, found) -> ValueError:
-  return ValueError(f'{path}: no text field {field!r} (found {sorted(found)}); '
+  return RecordError(f'{path}: no text field {field!r} (found {sorted(found)}); '
                     f'set --config.data.text_field to the field holding the '
                     'text.')
 
@@ -76,13 +83,13 @@ def _jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
   try:
     record = json.loads(line)
   except ValueError as e:
-    raise ValueError(f'{path}:{number} is not a JSON record ({e}); is it a '
+    raise RecordError(f'{path}:{number} is not a JSON record ({e}); is it a '
                      'JSON Lines file?') from e
   if not isinstance(record, dict) or field not in record:
     raise _field_error(path, field, record if isinstance(record, dict) else [])
   text = record[field]
   if not isinstance(text, str):
-    raise ValueError(f'{path}:{number}: field {field!r} holds a '
+    raise RecordError(f'{path}:{number}: field {field!r} holds a '
                      f'{type(text).__name__}, not text; set '
                      '--config.data.text_field.')
   return text
@@ -123,17 +130,18 @@ def texts(path: str, field: str) -> Iterator[str]:
       column = batch.column(0)
       if not (column.type.equals('string') or column.type.equals(
           'large_string')):
-        raise ValueError(f'{path}: column {field!r} holds {column.type}, not '
+        raise RecordError(f'{path}: column {field!r} holds {column.type}, not '
                          'text; set --config.data.text_field.')
       for text in column.to_pylist():
         if text is not None:
           yield text
-  except ValueError:
+  except RecordError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Truncated gzip, corrupt zstd frames, a CSV named .parquet: name the file.
-    raise ValueError(f'{path} is not a readable {k} file ({type(e).__name__}: '
-                     f'{e}); re-download or remove it from data.source.') from e
+    raise RecordError(f'{path} is corrupt, truncated or not a {k} file '
+                      f'({type(e).__name__}: {e}); re-download or remove it '
+                      'from data.source.') from e
 
 
 def check(path: str, field: str) -> None:

@@ -150,8 +150,8 @@ def _head(path: str, size: int = 1 << 16) -> bytes:
     with open(path, 'rb') as raw, records.open_binary(path, raw) as f:
       return f.read(size)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path} is not readable ({type(e).__name__}: {e}); '
-                     're-download or remove it from data.source.') from e
+    raise ValueError(f'{path} is corrupt or unreadable ({type(e).__name__}: '
+                     f'{e}); re-download or remove it from data.source.') from e
 
 
 def _strip(code) -> str:
@@ -242,6 +242,7 @@ def _dump_pages(path: str, pos: Position, counts: dict[str, int]
                 ) -> Iterator[tuple[str, str]]:
   """(title, wikitext) of the articles of a dump: no redirects, no talk."""
   raw = pos._open(path)  # pylint: disable=protected-access
+  pages = counts['pages']
   try:
     with raw, records.open_binary(path, raw) as f:
       root = None
@@ -262,6 +263,9 @@ def _dump_pages(path: str, pos: Position, counts: dict[str, int]
           counts['skipped'] += 1
   except (OSError, EOFError, ET.ParseError) as e:
     raise _read_error(path, e) from e
+  if counts['pages'] == pages:
+    logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
+                    'dump?', path)
   pos._close(path)  # pylint: disable=protected-access
 
 
