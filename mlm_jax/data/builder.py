@@ -178,13 +178,17 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       docs = _counting(docs, position)
     progress = parallel.Progress('Tokenizing', position)
 
+    kept = 0
+
     def tasks():
+      nonlocal kept
       for k, chunk in enumerate(parallel.chunks(docs, self._chunk_chars)):
         path = os.path.join(self.work_dir, f'chunk-{k:07d}.npz')
         # A chunk a killed build finished is read back, not tokenized again.
-        yield tokens_lib.encode_chunk, (
-            None if os.path.exists(path) else chunk, path,
-            self._eval_fraction)
+        done = os.path.exists(path)
+        kept += done
+        yield tokens_lib.encode_chunk, (None if done else chunk, path,
+                                        self._eval_fraction)
 
     stats = []
     for c in pool.ordered(tasks()):
@@ -192,8 +196,9 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       progress.update(c.documents, c.chars,
                       sum(t for _, t, _ in c.counts.values()))
     seconds = progress.finish()
-    logging.info('Tokenized %d chunks in %.1f s (%d workers).', len(stats),
-                 seconds, pool.workers)
+    logging.info('Tokenized %d chunks (%d kept from an earlier run) in '
+                 '%.1f s, %d workers.', len(stats), kept, seconds,
+                 pool.workers)
     if not stats:
       raise ValueError('The corpus holds no document.')
     return stats
