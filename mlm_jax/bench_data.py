@@ -6,8 +6,10 @@ document order and a copy word in every paragraph, so no two documents are
 alike. Then builds each with `data.prepare` in a fresh child process and data
 dir, once per --data_workers entry (1 = serial, 0 = every core), with one
 tokenizer trained up front (so a build times cleaning, tokenizing, packing and
-writing), and prints MB/s, tokens/s, peak RSS (the build process, and the sum
-over it and its workers, sampled) and the speed-up over one worker.
+writing), and prints wall and CPU seconds (the build and its workers), MB/s,
+tokens/s, peak RSS (the build process, and the sum over it and its workers,
+sampled every 50 ms) and the speed-up over one worker. The seconds are those
+of data.prepare in the child (its Python start and imports excluded).
 
   python -m mlm_jax.bench data --data_mb=100 [--data_formats=text,xml,jsonl,parquet]
       [--data_workers=1,0] [--data_root=/tmp/mlm_jax_bench_data] [--json=out.json]
@@ -39,7 +41,7 @@ _VOCAB = 8192
 _SAMPLE_S = 0.05
 
 _CHILD = '''
-import json, sys, time
+import json, resource, sys, time
 from absl import logging
 import ml_collections
 from configs import base
@@ -47,10 +49,15 @@ from mlm_jax import data
 logging.set_verbosity(logging.INFO)
 c = base.get_config().data
 c.update(json.loads(sys.argv[1]))
-start = time.perf_counter()
+def cpu():
+  return sum(r.ru_utime + r.ru_stime for r in map(
+      resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+cpu0, start = cpu(), time.perf_counter()
 prepared = data.prepare(c, %d)
 seconds = time.perf_counter() - start
-print('RESULT ' + json.dumps(dict(seconds=seconds, info=prepared.info)))
+cpu = cpu() - cpu0
+print('RESULT ' + json.dumps(dict(seconds=seconds, cpu_s=cpu,
+                                  info=prepared.info)))
 ''' % _SEQ_LEN
 
 
@@ -207,6 +214,7 @@ def data_bench() -> dict:
               workers or len(os.sched_getaffinity(0))),
           corpus=path, corpus_made_s=made_s, disk_mb=os.path.getsize(path) / 1e6,
           mb=mb, seconds=r['seconds'], mb_per_s=mb / r['seconds'],
+          cpu_s=r['cpu_s'],
           tokens=tokens, tokens_per_s=tokens / r['seconds'],
           rows=r['info']['train']['rows'] + r['info']['validation']['rows'],
           peak_rss_main_mb=r['peak_rss_main'] / 1e6,
@@ -230,11 +238,12 @@ def print_data(result: dict) -> None:
   print(f"data: {result['data_mb']:g} MB per format, {result['cores']} cores "
         f"({result['cpu']}), seq_len {_SEQ_LEN}, load "
         f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
-  print(f"{'format':<8} {'workers':>7} {'MB':>8} {'s':>8} {'MB/s':>7} "
-        f"{'Mtok/s':>7} {'RSS main MB':>12} {'RSS all MB':>11} {'speed-up':>9}")
+  print(f"{'format':<8} {'workers':>7} {'MB':>8} {'s':>8} {'CPU s':>8} "
+        f"{'MB/s':>7} {'Mtok/s':>7} {'RSS main MB':>12} {'RSS all MB':>11} "
+        f"{'speed-up':>9}")
   for r in result['runs']:
     speedup = f"{r['speedup']:.2f}x" if r['speedup'] else '-'
     print(f"{r['format']:<8} {r['resolved_workers']:>7} {r['mb']:>8.1f} "
-          f"{r['seconds']:>8.1f} {r['mb_per_s']:>7.2f} "
+          f"{r['seconds']:>8.1f} {r['cpu_s']:>8.1f} {r['mb_per_s']:>7.2f} "
           f"{r['tokens_per_s'] / 1e6:>7.3f} {r['peak_rss_main_mb']:>12.0f} "
           f"{r['peak_rss_tree_mb']:>11.0f} {speedup:>9}")

@@ -34,6 +34,8 @@ class Prepared:
 def data_dir(data_config: ml_collections.ConfigDict) -> str:
   root = (data_config.data_dir or os.environ.get('MLM_JAX_DATA_DIR')
           or '~/.cache/mlm_jax')
+  if '://' in root:  # gs://... for a Beam build on Dataflow
+    return root
   return os.path.abspath(os.path.expanduser(root))
 
 
@@ -75,6 +77,9 @@ def _beam_download_config(data_config: ml_collections.ConfigDict):
 def _build_lock(path: str):
   """One builder per dataset on a host (or a shared disk): the others wait,
   then reuse its result, instead of racing on the same resumable chunks."""
+  if '://' in path:  # an object store has no locks; Beam builds go there
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'a') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
