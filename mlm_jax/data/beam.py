@@ -31,8 +31,7 @@ def stats_path(builder) -> str:
              f'beam-stats-{builder.version}.json')
 
 
-def read_stats(path: str, seq_len: int) -> dict[str, dict]:
-  del seq_len
+def read_stats(path: str) -> dict[str, dict]:
   path = epath.Path(path)
   stats = json.loads(path.read_text())
   path.unlink()
@@ -53,8 +52,7 @@ class _Encode(beam.DoFn):
 
   def process(self, element):
     index, path = element
-    docs = sources._read(  # pylint: disable=protected-access
-        [path], False, self._text_field, sources.Position([path]))
+    docs = sources.file_documents(path, self._text_field)
     for k, chunk in enumerate(parallel.chunks(docs, self._chunk_chars)):
       encoded = [self._tok.encode(d) for d in chunk]
       lengths = np.array([len(t) for t in encoded], np.int32)
@@ -67,8 +65,8 @@ class _Encode(beam.DoFn):
 
 def _stats(element, eval_fraction: float) -> tokens_lib.ChunkStats:
   key, c = element
-  return tokens_lib._stats(  # pylint: disable=protected-access
-      key, c['lengths'], c['hashes'], c['chars'], eval_fraction)
+  return tokens_lib.chunk_stats(key, c['lengths'], c['hashes'], c['chars'],
+                                eval_fraction)
 
 
 def _layout(stats: list, eval_fraction: float, seq_len: int) -> dict:

@@ -145,7 +145,7 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       from mlm_jax.data import beam  # pylint: disable=g-import-not-at-top
       stats_path = beam.stats_path(self)
       super()._download_and_prepare(dl_manager, download_config)
-      self._set_metadata(beam.read_stats(stats_path, self._seq_len))
+      self._set_metadata(beam.read_stats(stats_path))
       return
     tok = self._tokenizer
     init = (tokens_lib.init_worker, (tok.kind, tok.model_bytes))

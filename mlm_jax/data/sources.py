@@ -210,10 +210,11 @@ class Position:
   """Bytes of the source read so far, for progress and ETA."""
 
   def __init__(self, files: list[str]):
-    self.total = sum(map(os.path.getsize, files))
-    self.reset()
+    self.start(sum(map(os.path.getsize, files)))
 
-  def reset(self) -> None:
+  def start(self, total: int) -> None:
+    """A new pass over `total` bytes."""
+    self.total = total
     self._done = 0
     self._raw = None
 
@@ -369,6 +370,11 @@ def _clean(items: list[tuple[str, str | None]]) -> tuple[list[str], dict]:
   return docs, counts
 
 
+def file_documents(path: str, text_field: str) -> Iterator[str]:
+  """The documents of one file of a source (a Beam task's share)."""
+  return _read([path], False, text_field, Position([path]))
+
+
 def _read(files: list[str], one_doc_per_file: bool, text_field: str,
           pos: Position) -> Iterator[str]:
   counts = _new_counts()
@@ -410,15 +416,15 @@ class Documents:
 
   def __iter__(self) -> Iterator[str]:
     if self._cache is None:
-      self.position.reset()
+      self.position.start(self.position.total)
       docs = _read(self.files, self._one_doc_per_file, self._text_field,
                    self.position)
     else:
       if not os.path.exists(os.path.join(self._cache, 'done.json')):
         self._write_cache()
-      # From now on, progress is in bytes of the cache.
-      self.position.__class__ = _CachePosition
-      self.position.__init__(self._cache)
+      # Progress is then in bytes of the cache.
+      self.position.start(sum(
+          e.stat().st_size for e in os.scandir(self._cache)))
       docs = _read_cache(self._cache, self.position)
     n = 0
     for n, doc in enumerate(docs, 1):
@@ -482,14 +488,7 @@ def _clean_part(items, path: str) -> tuple[int, int, dict[str, int]]:
   return len(docs), sum(map(len, docs)), counts
 
 
-class _CachePosition(Position):
-
-  def __init__(self, cache: str):  # pylint: disable=super-init-not-called
-    self.total = sum(e.stat().st_size for e in os.scandir(cache))
-    self.reset()
-
-
-def _read_cache(cache: str, pos: _CachePosition) -> Iterator[str]:
+def _read_cache(cache: str, pos: Position) -> Iterator[str]:
   with open(os.path.join(cache, 'done.json')) as f:
     parts = json.load(f)['parts']
   for k in range(parts):

@@ -60,8 +60,9 @@ def _counts(lengths: np.ndarray) -> tuple[int, int, int]:
   return int(nonempty.sum()), tokens, tokens + int(nonempty.sum())
 
 
-def _stats(path: str, lengths: np.ndarray, hashes: np.ndarray, chars: int,
-           eval_fraction: float) -> ChunkStats:
+def chunk_stats(path, lengths: np.ndarray, hashes: np.ndarray, chars: int,
+                eval_fraction: float) -> ChunkStats:
+  """Statistics of a chunk; `path` names it (a file, or a Beam key)."""
   held_out = hashes < eval_fraction
   min_hash = float(hashes.min()) if len(hashes) else 2.0
   return ChunkStats(
@@ -80,7 +81,7 @@ def encode_chunk(docs: list[str] | None, path: str,
   """Worker: tokenizes one chunk into `path`; reads it back if it is there."""
   if docs is None:
     with np.load(path) as z:
-      return _stats(path, z['lengths'], z['hashes'], int(z['chars']),
+      return chunk_stats(path, z['lengths'], z['hashes'], int(z['chars']),
                     eval_fraction)
   encoded = [_tokenizer.encode(d) for d in docs]
   lengths = np.array([len(t) for t in encoded], np.int32)
@@ -95,7 +96,7 @@ def encode_chunk(docs: list[str] | None, path: str,
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return _stats(path, lengths, hashes, chars, eval_fraction)
+  return chunk_stats(path, lengths, hashes, chars, eval_fraction)
 
 
 @dataclasses.dataclass
