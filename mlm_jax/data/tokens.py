@@ -30,7 +30,7 @@ SPLITS = ('train', 'validation')
 _SHARD_TOKENS = 1 << 25
 _MIN_SHARD_ROWS = 1 << 12
 # Rows serialized at a time inside a shard: bounds a worker's memory.
-_BLOCK_ROWS = 1 << 13
+_BLOCK_ROWS = 1 << 11
 
 _tokenizer = None
 
