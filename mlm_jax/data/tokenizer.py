@@ -25,8 +25,6 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
-from mlm_jax.data import sources
-
 # The model, masking and packing code rely on these ids; load() checks them.
 SPECIALS = {'[PAD]': 0, '[UNK]': 1, '[CLS]': 2, '[SEP]': 3, '[MASK]': 4}
 # SentencePiece trains on a sample of this many lines (paragraphs) of a big
@@ -264,6 +262,9 @@ def train(source_docs: Iterable[str], vocab_size: int,
 
 def main(argv):
   del argv
+  # Here, not at the top: build workers import this module to tokenize and
+  # need no wikitext parser.
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   tok = train(sources.documents(args.source), args.vocab_size, args.out)
   print(f'Wrote {args.out} (vocab_size={tok.vocab_size})')
