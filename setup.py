@@ -22,22 +22,29 @@ setup(
         'numpy',
         'optax>=0.2.4',
         'orbax-checkpoint>=0.11',
+        'pyarrow',  # .parquet and datasets .arrow sources (tfds needs it too)
         'safetensors',  # Hugging Face weights in and out (mlm_jax.convert)
         'sentencepiece',
         'tensorboardX',
         'tensorflow-datasets>=4.9.7',
         'tokenizers',  # Hugging Face tokenizer.json files (imported checkpoints)
+        'zstandard',  # .jsonl.zst and .zst text sources
     ],
     extras_require={
         # bench: HF's data collator (masking) and HF's FlaxBertForMaskedLM and
         # BertForMaskedLM (train step); 4.57 is the last release with both.
-        'bench': ['transformers==4.57.*', 'torch==2.13.0'],
+        # psutil: bench data sums the RSS of a build and its workers.
+        'bench': ['transformers==4.57.*', 'torch==2.13.0', 'psutil'],
+        # beam: dataset builds on a Beam runner (data.beam_runner).
+        'beam': ['apache-beam>=2.60'],
         # convert: importing a vocab.txt-only model, exporting a SentencePiece
         # vocabulary as an HF fast tokenizer; torch reads pytorch_model.bin.
         'hf': ['transformers==4.57.*', 'torch==2.13.0'],
         # torch: the HF parity tests run transformers' PyTorch BERT on CPU.
         # nbclient + ipykernel: CI executes launch/colab_tpu.ipynb on CPU.
+        # apache-beam: the DirectRunner build test; psutil: bench data's test.
         'test': ['pytest', 'hypothesis', 'scipy', 'torch==2.13.0',
-                 'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel'],
+                 'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel',
+                 'apache-beam>=2.60', 'psutil'],
     },
 )

@@ -72,11 +72,15 @@ def get_config(arg=None):
   c.mask.span_max_words = 10      # span strategy: longest span (the law is truncated there)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'demo'          # 'demo', a pages-articles*.xml.bz2 dump, or text files/globs (comma-separated)
+  c.data.source = 'demo'          # 'demo', or comma-separated files/globs: pages-articles*.xml.bz2 dumps, text, .jsonl[.gz|.zst], .parquet, datasets dirs
   c.data.data_dir = ''            # tokenizer + dataset cache; '' = $MLM_JAX_DATA_DIR or ~/.cache/mlm_jax
   c.data.tokenizer = ''           # an existing SentencePiece .model; '' = train one from the source
   c.data.vocab_size = 8192        # vocabulary size when training a tokenizer
   c.data.eval_fraction = 0.05     # fraction of documents held out for eval
+  c.data.text_field = 'text'      # the text field of .jsonl records, the text column of .parquet / datasets .arrow files
+  c.data.workers = 0              # processes cleaning, tokenizing and writing the dataset; 0 = all cores, 1 = in-process
+  c.data.beam_runner = ''         # '' = build on this host; else an Apache Beam runner: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner
+  c.data.beam_options = ''        # that runner's pipeline flags, e.g. '--project=P --region=R --temp_location=gs://B/tmp'
 
   c.parallelism = 'pjit'          # 'pjit': jit over the mesh with shardings; 'pmap': data parallel, replicated state
   c.grad_accum_steps = 1          # micro-batches per update (each batch_size / this rows; one's activations alive)

@@ -28,6 +28,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from mlm_jax import bench_data
 from mlm_jax import bench_peers as peers
 from mlm_jax import host_memory
 from mlm_jax import masking
@@ -518,7 +519,8 @@ def print_train(result: dict) -> None:
 
 SUBCOMMANDS = {'masking': (masking_bench, print_table),
                'train': (train_bench, print_train),
-               'e2e': (e2e_bench, print_e2e)}
+               'e2e': (e2e_bench, print_e2e),
+               'data': (bench_data.data_bench, bench_data.print_data)}
 
 
 def main(argv):

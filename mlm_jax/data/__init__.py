@@ -9,7 +9,9 @@ file that a later run would trust.
 """
 
 from collections.abc import Sequence
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import os
 from typing import Any, TYPE_CHECKING
@@ -32,6 +34,8 @@ class Prepared:
 def data_dir(data_config: ml_collections.ConfigDict) -> str:
   root = (data_config.data_dir or os.environ.get('MLM_JAX_DATA_DIR')
           or '~/.cache/mlm_jax')
+  if '://' in root:  # gs://... for a Beam build on Dataflow
+    return root
   return os.path.abspath(os.path.expanduser(root))
 
 
@@ -46,8 +50,43 @@ def tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
   from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   return os.path.join(
       data_dir(data_config), 'tokenizers',
-      f'sp-{sources.fingerprint(data_config.source)}-'
+      f'sp-{sources.fingerprint(data_config.source, text_field=data_config.text_field)}-'
       f'{data_config.vocab_size}.model')
+
+
+def _beam_download_config(data_config: ml_collections.ConfigDict):
+  import shlex  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError('data.beam_runner needs Apache Beam: pip install -e '
+                     '".[beam]".') from e
+  if not data_config.tokenizer:
+    raise ValueError(
+        'data.beam_runner needs data.tokenizer: training one here would read '
+        'the whole corpus on this host. Train it on a sample first: python -m '
+        'mlm_jax.data.tokenizer --source=<a few shards> --out=sp.model.')
+  options = pipeline_options.PipelineOptions(
+      shlex.split(data_config.beam_options) + [
+          f'--runner={data_config.beam_runner}'])
+  return tfds.download.DownloadConfig(beam_options=options)
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+  """One builder per dataset on a host (or a shared disk): the others wait,
+  then reuse its result, instead of racing on the same resumable chunks."""
+  if '://' in path:  # an object store has no locks; Beam builds go there
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
@@ -57,6 +96,7 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
   # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds
   from mlm_jax.data import builder
+  from mlm_jax.data import parallel
   from mlm_jax.data import sources
   from mlm_jax.data import tokenizer as tokenizer_lib
   # pylint: enable=g-import-not-at-top
@@ -64,31 +104,36 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
   if not 0 <= data_config.eval_fraction < 1:
     raise ValueError(f'data.eval_fraction must be in [0, 1), got '
                      f'{data_config.eval_fraction}.')
+  workers = parallel.resolve_workers(data_config.workers)
+  download_config = (_beam_download_config(data_config)
+                     if data_config.beam_runner else None)
   root = data_dir(data_config)
-  fingerprint = sources.fingerprint(data_config.source)
-  documents = functools.partial(sources.documents, data_config.source,
-                                cache_dir=os.path.join(root, 'text'))
+  fingerprint = sources.fingerprint(data_config.source,
+                                    text_field=data_config.text_field)
+  # Every shard's first record is read here: a wrong field, a file of the
+  # wrong kind or a corrupt header fails now, not hours into the build.
+  documents = sources.documents(
+      data_config.source, cache_dir=os.path.join(root, 'text'),
+      text_field=data_config.text_field, workers=workers)
   path = tokenizer_path(data_config)
   if data_config.tokenizer or os.path.exists(path):
     tok = tokenizer_lib.load(path)
   else:
     logging.info('Training a tokenizer on %s', data_config.source)
-    tok = tokenizer_lib.train(documents(), data_config.vocab_size, path)
+    tok = tokenizer_lib.train(documents, data_config.vocab_size, path)
 
   make_builder = functools.partial(
-      builder.PackedMLM, data_dir=root, documents=documents,
+      builder.PackedMLM, data_dir=root, documents=lambda: documents,
       source_fingerprint=fingerprint, tokenizer=tok, seq_len=seq_len,
-      eval_fraction=data_config.eval_fraction)
+      eval_fraction=data_config.eval_fraction, workers=workers,
+      files=documents.files, text_field=data_config.text_field)
   rows = make_builder()
   tfds.disable_progress_bar()  # Progress bars garble logs.
-  try:
-    rows.download_and_prepare()
-  except OSError:
-    # Two processes built at once and the other renamed its copy first.
-    if not rows.data_path.exists():
-      raise
-    logging.info('Another process built %s first; reusing it.', rows.data_path)
-    rows = make_builder()
+  if not rows.data_path.exists():
+    with _build_lock(f'{rows.data_path.parent}.lock'):
+      rows = make_builder()  # Another process may have built it meanwhile.
+      rows.download_and_prepare(download_config=download_config)
+      rows.remove_work_dir()
 
   info = dict(data_dir=str(rows.data_dir), vocab_size=tok.vocab_size,
               seq_len=seq_len)

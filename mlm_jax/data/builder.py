@@ -7,6 +7,12 @@ pieces of a row 1, 2, 3, ... ([CLS] is in segment 1) and are 0 on [PAD], so
 attention can stay inside a piece. The 'validation' split holds out whole
 documents, chosen by a hash of their text.
 
+Locally the build runs in two parallel stages (`tokens`): workers tokenize
+chunks of documents into files that survive a kill (a rerun resumes), then
+write the shards; the rows are the same whatever the worker count. With a
+Beam runner (`download_config.beam_runner`) the same rows come out of a Beam
+pipeline (`beam.py`) instead.
+
 The config name is a hash of everything the rows depend on, so a changed
 source, tokenizer or setting builds into a new directory and an unchanged one
 is reused. TFDS writes into an `incomplete.*` sibling directory and renames it
@@ -16,27 +22,33 @@ only when done, so a crashed build is never taken for a finished one.
 from collections.abc import Callable, Iterable, Iterator
 import hashlib
 import json
+import os
+import shutil
+import time
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mlm_jax.data import packing
+from mlm_jax.data import parallel
 from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax.data import tokens as tokens_lib
 
 # Bump when the row layout changes.
 PACKING_VERSION = 1
-
-
-def _doc_hash(doc: str) -> float:
-  """A stable number in [0, 1) per document text."""
-  digest = hashlib.sha256(doc.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'big') / 2**64
+# Characters of text per tokenizing task (about 250k tokens).
+CHUNK_CHARS = 1 << 20
 
 
 def pack(token_lists: Iterable[list[int]], seq_len: int,
          cls_id: int, sep_id: int, pad_id: int
          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Greedy packing of documents into rows; yields (input_ids, segment_ids)."""
+  """Greedy packing of documents into rows; yields (input_ids, segment_ids).
+
+  The reference definition of the layout; builds use `packing.rows`, which
+  tests hold equal to this.
+  """
   ids, segs, n = [cls_id], [1], 0
   for tokens in token_lists:
     tokens = tokens + [sep_id]
@@ -54,6 +66,17 @@ def pack(token_lists: Iterable[list[int]], seq_len: int,
            np.array(segs + [0] * pad, np.int32))
 
 
+class _Chars:
+  """Progress position of a plain iterable of documents: no total known."""
+  total = 0
+
+  def __init__(self):
+    self.chars = 0
+
+  def bytes(self) -> int:
+    return self.chars
+
+
 class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Packed token rows for masked-language-model pretraining."""
 
@@ -61,17 +84,24 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, data_dir: str, documents: Callable[[], Iterable[str]],
                source_fingerprint: str, tokenizer: tokenizer_lib.Tokenizer,
-               seq_len: int, eval_fraction: float):
+               seq_len: int, eval_fraction: float, workers: int = 1,
+               chunk_chars: int = 0, files: list[str] = (),
+               text_field: str = 'text'):
     """Describes one build; nothing is read until download_and_prepare().
 
     Args:
       data_dir: TFDS data dir; the rows go to packed_mlm/<config>/1.0.0.
-      documents: returns a fresh iterator over the source's documents; called
-        only when the dataset is built.
+      documents: returns a fresh iterable over the source's documents; called
+        only when the dataset is built (once).
       source_fingerprint: sources.fingerprint of the source.
       tokenizer: the tokenizer the rows are made with.
       seq_len: row length L.
       eval_fraction: fraction of documents held out for 'validation'.
+      workers: processes tokenizing and writing (1: all in this process).
+      chunk_chars: text per tokenizing task (0 = CHUNK_CHARS); chunks are
+        also what a killed build keeps.
+      files: the source's files, for a Beam build (one task per file).
+      text_field: the text field of record files, for a Beam build.
     """
     if seq_len < 2:
       raise ValueError(f'seq_len must be at least 2, got {seq_len}.')
@@ -79,6 +109,10 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._tokenizer = tokenizer
     self._seq_len = seq_len
     self._eval_fraction = eval_fraction
+    self._workers = workers
+    self._chunk_chars = chunk_chars or CHUNK_CHARS
+    self._files = list(files)
+    self._text_field = text_field
     key = json.dumps([
         source_fingerprint,
         hashlib.sha256(tokenizer.model_bytes).hexdigest(),
@@ -97,39 +131,131 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Rows stay in corpus order; the loader shuffles globally.
         disable_shuffling=True)
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    # A small corpus may have no document under eval_fraction: then the
-    # lowest-hashed document alone is held out, so validation is never empty.
-    lowest = min(map(_doc_hash, self._documents()))
-    def is_eval(doc):
-      h = _doc_hash(doc)
-      return h < self._eval_fraction or h == lowest
-    return {'train': self._generate_examples('train', lambda d: not is_eval(d)),
-            'validation': self._generate_examples('validation', is_eval)}
+  @property
+  def work_dir(self) -> str:
+    """Tokenized chunks of an unfinished build (removed once it is done)."""
+    return os.path.join(os.fspath(self.data_path.parent),
+                        f'tokens-{self.version}')
 
-  def _generate_examples(self, split: str, keep: Callable[[str], bool]):
+  def remove_work_dir(self) -> None:
+    shutil.rmtree(self.work_dir, ignore_errors=True)
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    if download_config.beam_runner or download_config.beam_options:
+      from mlm_jax.data import beam  # pylint: disable=g-import-not-at-top
+      stats_path = beam.stats_path(self)
+      super()._download_and_prepare(dl_manager, download_config)
+      self._set_metadata(beam.read_stats(stats_path))
+      return
     tok = self._tokenizer
-    counts = dict(documents=0, rows=0, tokens=0, padding=0)
+    init = (tokens_lib.init_worker, (tok.kind, tok.model_bytes))
+    with parallel.Pool(self._workers, *init) as pool:
+      plans = self._plan(self._encode(pool))
+      self._set_metadata({s: p.metadata(self._seq_len)
+                          for s, p in plans.items()})
+      start = time.perf_counter()
+      self._write(pool, plans)
+      logging.info('Wrote %d shards in %.1f s.', sum(
+          len(p.shards) for p in plans.values()), time.perf_counter() - start)
 
-    def token_lists():
-      for doc in filter(keep, self._documents()):
-        tokens = tok.encode(doc)
-        if tokens:
-          counts['documents'] += 1
-          counts['tokens'] += len(tokens)
-          yield tokens
+  def _set_metadata(self, metadata: dict[str, dict]) -> None:
+    for split, counts in metadata.items():
+      if not counts['rows']:
+        raise ValueError(f'The {split} split would be empty: the corpus has '
+                         'too few documents (add text or change '
+                         'eval_fraction).')
+      # Saved next to the rows (metadata.json): a reused build reports them.
+      self.info.metadata[split] = counts
+      logging.info('Split %s: %s', split, counts)
 
-    for i, (ids, segs) in enumerate(pack(
-        token_lists(), self._seq_len, tok.cls_id, tok.sep_id, tok.pad_id)):
-      counts['rows'] += 1
-      counts['padding'] += int(np.sum(segs == 0))
-      yield i, {'input_ids': ids, 'segment_ids': segs}
-    if not counts['rows']:
-      raise ValueError(f'The {split} split would be empty: the corpus has too '
-                       'few documents (add text or change eval_fraction).')
-    counts['padding_fraction'] = counts['padding'] / (
-        counts['rows'] * self._seq_len)
-    # Saved next to the rows (metadata.json): a reused build reports them too.
-    self.info.metadata[split] = counts
-    logging.info('Split %s: %s', split, counts)
+  def _encode(self, pool: parallel.Pool) -> list[tokens_lib.ChunkStats]:
+    """Stage 1: chunks of documents to token files, in parallel, resumable."""
+    os.makedirs(self.work_dir, exist_ok=True)
+    docs = self._documents()
+    position = getattr(docs, 'position', None)
+    if position is None:
+      position = _Chars()
+      docs = _counting(docs, position)
+    progress = parallel.Progress('Tokenizing', position)
+
+    kept = 0
+
+    def tasks():
+      nonlocal kept
+      for k, chunk in enumerate(parallel.chunks(docs, self._chunk_chars)):
+        path = os.path.join(self.work_dir, f'chunk-{k:07d}.npz')
+        # A chunk a killed build finished is read back, not tokenized again.
+        done = os.path.exists(path)
+        kept += done
+        yield tokens_lib.encode_chunk, (None if done else chunk, path,
+                                        self._eval_fraction)
+
+    stats = []
+    for c in pool.ordered(tasks()):
+      stats.append(c)
+      progress.update(c.documents, c.chars,
+                      sum(t for _, t, _ in c.counts.values()))
+    seconds = progress.finish()
+    logging.info('Tokenized %d chunks (%d kept from an earlier run) in '
+                 '%.1f s, %d workers.', len(stats), kept, seconds,
+                 pool.workers)
+    if not stats:
+      raise ValueError('The corpus holds no document.')
+    return stats
+
+  def _plan(self, stats):
+    self._lowest = tokens_lib.lowest_hash(stats)
+    return tokens_lib.plan(stats, self._eval_fraction, self._seq_len,
+                           self._workers)
+
+  def _write(self, pool: parallel.Pool, plans) -> None:
+    """Stage 2: the shards of both splits, in parallel."""
+    fast = self._fast_serializer_ok()
+    split_infos, tasks = [], []
+    for split, p in plans.items():
+      template = self._get_filename_template(split_name=split)
+      for i, (a, b, spans) in enumerate(p.shards):
+        path = os.fspath(template.sharded_filepath(
+            shard_index=i, num_shards=len(p.shards)))
+        tasks.append((tokens_lib.write_shard, (
+            split, a, b, spans, path, self._seq_len, self._eval_fraction,
+            self._lowest, fast)))
+    results = iter(pool.ordered(tasks))
+    for split, p in plans.items():
+      written = [next(results) for _ in p.shards]
+      split_infos.append(tfds.core.SplitInfo(
+          name=split, shard_lengths=[r for r, _ in written],
+          num_bytes=sum(n for _, n in written),
+          filename_template=self._get_filename_template(split_name=split)))
+    self.info.set_splits(tfds.core.SplitDict(split_infos))
+
+  def _fast_serializer_ok(self) -> bool:
+    """Whether packing.Serializer writes what TFDS's serializer writes."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, self._tokenizer.vocab_size, (4, self._seq_len))
+    segs = np.sort(rng.integers(0, 9, (4, self._seq_len)), axis=1)
+    reference = packing.tfds_serializer(self.info.features)
+    ok = packing.same_examples(
+        packing.Serializer()(ids, segs),
+        reference(ids.astype(np.int32), segs.astype(np.int32)))
+    if not ok:
+      logging.warning('This TFDS serializes rows differently; using its slower '
+                      'serializer.')
+    return ok
+
+  def _split_generators(self, dl_manager, pipeline):
+    """The Beam build's splits (the local build does not come here)."""
+    del dl_manager
+    from mlm_jax.data import beam  # pylint: disable=g-import-not-at-top
+    return {split: self._generate_examples(rows)
+            for split, rows in beam.splits(self, pipeline).items()}
+
+  def _generate_examples(self, rows):
+    """A Beam build's PCollection of (row index, row) for one split."""
+    return rows
+
+
+def _counting(docs: Iterable[str], position: _Chars) -> Iterator[str]:
+  for doc in docs:
+    position.chars += len(doc)
+    yield doc

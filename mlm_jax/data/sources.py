@@ -1,15 +1,22 @@
-"""Text sources: the demo corpus, Wikipedia XML dumps and plain text files.
+"""Text sources: the demo corpus, Wikipedia dumps, text and record files.
 
-A source is a string: 'demo', or a comma-separated list of paths and globs.
-A file whose name contains '.xml' is read as a Wikipedia pages-articles dump
-(`enwiki-...-pages-articles1.xml-p1p41242.bz2` keeps '.xml' mid-name); any
-other file is UTF-8 text with documents separated by blank lines (BERT's
-convention). Every source yields documents as strings whose lines are
-paragraphs.
+A source is a string: 'demo', or a comma-separated list of paths, globs and
+Hugging Face `datasets` directories (saved with `save_to_disk`). Each file's
+kind comes from its name:
+
+- a name containing '.xml' is a Wikipedia pages-articles dump
+  (`enwiki-...-pages-articles1.xml-p1p41242.bz2` keeps '.xml' mid-name);
+- `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.json.gz` (JSON Lines), `.parquet`,
+  `.arrow`: one document per record, its text in `text_field`;
+- anything else is UTF-8 text with documents separated by blank lines (BERT's
+  convention), optionally `.gz`, `.bz2` or `.zst` compressed.
+
+Every source yields documents as strings whose lines are paragraphs, with
+runs of whitespace collapsed. Dumps are cleaned once, in parallel, into a
+cache of cleaned text that the tokenizer and the builder then read.
 """
 
 from collections.abc import Iterator
-import bz2
 import glob
 import hashlib
 import importlib.metadata
@@ -24,6 +31,9 @@ from absl import logging
 import mwparserfromhell
 from mwparserfromhell import nodes
 
+from mlm_jax.data import parallel
+from mlm_jax.data import records
+
 DEMO = 'demo'
 _DEMO_FILE = ('test/test_data/enwiki-latest-pages-articles1.xml-'
               'p000000010p000030302-shortened.bz2')
@@ -31,6 +41,9 @@ _DEMO_FILE = ('test/test_data/enwiki-latest-pages-articles1.xml-'
 # from it is made again.
 CLEAN_VERSION = 1
 MIN_PAGE_CHARS = 200
+# Wikitext per cleaning task: big enough that a worker's pickling and logging
+# cost nothing, small enough that a killed build loses little.
+_CLEAN_CHUNK_CHARS = 1 << 18
 
 # Formatting tags whose contents are prose; every other tag (ref, table,
 # math, gallery, ...) is dropped whole.
@@ -42,6 +55,7 @@ _DROP_LINK_PREFIXES = frozenset(['file', 'image', 'media', 'category'])
 _LANG_PREFIX = re.compile(r'^([a-z]{2,3}(-[a-z]+)*|simple)$')
 # Bold/italic quote runs, left as text by skip_style_tags below.
 _QUOTES = re.compile("'{2,}")
+_MAGIC_WORD = re.compile(r'__\w+__')
 
 
 def _demo_path() -> str:
@@ -54,48 +68,90 @@ def _demo_path() -> str:
   return path
 
 
+def _expand(part: str) -> list[str]:
+  if glob.has_magic(part):
+    matched = sorted(glob.glob(part))
+    if not matched:
+      raise ValueError(f'The glob {part!r} matches no file; fix the pattern '
+                       "or the data.source setting (or use 'demo').")
+  elif os.path.exists(part):
+    matched = [part]
+  else:
+    raise ValueError(f'No such file: {part!r}; fix the path in data.source '
+                     "(or use 'demo').")
+  files = []
+  for path in matched:
+    if os.path.isdir(path):
+      files += records.hf_dataset_files(path)
+    else:
+      files.append(path)
+  return files
+
+
 def resolve(source: str) -> list[str]:
-  """Returns the files of `source`; raises ValueError before any long work."""
+  """Returns the files of `source`; raises ValueError before any long work.
+
+  Empty files (an empty shard among good ones) are left out with a warning.
+  """
   if source == DEMO:
     return [_demo_path()]
   files = []
   for part in filter(None, (p.strip() for p in source.split(','))):
-    part = os.path.expanduser(part)
-    if glob.has_magic(part):
-      matched = sorted(p for p in glob.glob(part) if os.path.isfile(p))
-      if not matched:
-        raise ValueError(f'The glob {part!r} matches no file; fix the pattern '
-                         "or the data.source setting (or use 'demo').")
-      files += matched
-    elif os.path.isfile(part):
-      files.append(part)
-    else:
-      raise ValueError(f'No such file: {part!r}; fix the path in data.source '
-                       "(or use 'demo').")
+    files += _expand(os.path.expanduser(part))
   if not files:
     raise ValueError(f'Empty data.source {source!r}: give "demo", a Wikipedia '
                      'dump, or text files/globs separated by commas.')
-  if all(os.path.getsize(f) == 0 for f in files):
+  empty = [f for f in files if os.path.getsize(f) == 0]
+  if len(empty) == len(files):
     raise ValueError(f'The corpus {source!r} is empty: {files} hold no bytes.')
-  return files
+  if empty:
+    logging.warning('Skipping %d empty file(s) of %s: %s', len(empty), source,
+                    empty[:10])
+  return [f for f in files if f not in set(empty)]
 
 
-def _is_dump(path: str) -> bool:
+def is_dump(path: str) -> bool:
   return '.xml' in os.path.basename(path)
 
 
-def fingerprint(source: str, one_doc_per_file: bool = False) -> str:
+def fingerprint(source: str, one_doc_per_file: bool = False,
+                text_field: str = 'text') -> str:
   """A short hash that changes whenever the documents of `source` may."""
   if source == DEMO:
     parts = ['demo', importlib.metadata.version('gensim'),
              os.path.getsize(_demo_path())]
   else:
     parts = []
-    for f in resolve(source):
+    files = resolve(source)
+    for f in files:
       st = os.stat(f)
       parts += [os.path.realpath(f), st.st_size, st.st_mtime_ns]
+    if any(map(records.kind, files)):
+      parts.append(text_field)
   parts += [CLEAN_VERSION, one_doc_per_file]
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def check(files: list[str], text_field: str) -> None:
+  """Opens every file's first record: a bad shard fails before long work."""
+  for path in files:
+    if records.kind(path):
+      records.check(path, text_field)
+      continue
+    head = _head(path)
+    if is_dump(path) and b'<mediawiki' not in head:
+      raise ValueError(f'{path} is named like a Wikipedia dump (.xml) but does '
+                       'not start with <mediawiki>; rename it or fix '
+                       'data.source.')
+
+
+def _head(path: str, size: int = 1 << 16) -> bytes:
+  try:
+    with open(path, 'rb') as raw, records.open_binary(path, raw) as f:
+      return f.read(size)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path} is corrupt or unreadable ({type(e).__name__}: '
+                     f'{e}); re-download or remove it from data.source.') from e
 
 
 def _strip(code) -> str:
@@ -139,110 +195,287 @@ def clean_wikitext(text: str) -> str:
   return '\n'.join(l for l in lines if l and not re.fullmatch(r'__\w+__', l))
 
 
+def clean_wikitext(text: str) -> str:
+  """Wiki markup to paragraphs of plain text, one per line."""
+  # The parser's bold/italic handling misparses real pages (an unbalanced ''
+  # inside a <ref> turns the rest of the page into raw text) and takes half
+  # the time, so style tags are parsed as text and their quotes dropped.
+  code = mwparserfromhell.parse(text, skip_style_tags=True)
+  lines = (' '.join(line.split()) for line in _strip(code).splitlines())
+  # '__NOTOC__'-style magic words are plain text to the parser.
+  return '\n'.join(l for l in lines if l and not _MAGIC_WORD.fullmatch(l))
+
+
+class Position:
+  """Bytes of the source read so far, for progress and ETA."""
+
+  def __init__(self, files: list[str]):
+    self.start(sum(map(os.path.getsize, files)))
+
+  def start(self, total: int) -> None:
+    """A new pass over `total` bytes."""
+    self.total = total
+    self._done = 0
+    self._raw = None
+
+  def bytes(self) -> int:
+    try:
+      return self._done + (self._raw.tell() if self._raw else 0)
+    except ValueError:  # closed
+      return self._done
+
+  def _open(self, path: str):
+    self._raw = open(path, 'rb')
+    return self._raw
+
+  def _close(self, path: str):
+    self._done += os.path.getsize(path)
+    self._raw = None
+
+
+def _read_error(path: str, e: Exception) -> ValueError:
+  return ValueError(f'{path} is corrupt or truncated ({type(e).__name__}: '
+                    f'{e}); re-download or remove it from data.source. The '
+                    'parts already built are kept: the next run resumes.')
+
+
+def _dump_pages(path: str, pos: Position, counts: dict[str, int]
+                ) -> Iterator[tuple[str, str]]:
+  """(title, wikitext) of the articles of a dump: no redirects, no talk."""
+  raw = pos._open(path)  # pylint: disable=protected-access
+  pages = counts['pages']
+  try:
+    with raw, records.open_binary(path, raw) as f:
+      root = None
+      for event, elem in ET.iterparse(f, events=('start', 'end')):
+        if root is None:
+          root = elem
+        if event != 'end' or not elem.tag.endswith('}page'):
+          continue
+        counts['pages'] += 1
+        text = elem.findtext('{*}revision/{*}text') or ''
+        article = (elem.findtext('{*}ns') == '0'
+                   and elem.find('{*}redirect') is None)
+        title = elem.findtext('{*}title')
+        root.clear()  # Constant memory: drop every page already read.
+        if article:
+          yield title, text
+        else:
+          counts['skipped'] += 1
+  except (OSError, EOFError, ET.ParseError) as e:
+    raise _read_error(path, e) from e
+  if counts['pages'] == pages:
+    logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
+                    'dump?', path)
+  pos._close(path)  # pylint: disable=protected-access
+
+
+def _clean_page(title: str, text: str, counts: dict[str, int]) -> str | None:
+  try:
+    doc = clean_wikitext(text)
+  except Exception as e:  # pylint: disable=broad-except
+    # One malformed page must not stop a multi-hour parse.
+    logging.warning('Skipping page %r: parse failed: %s', title, e)
+    counts['failed'] += 1
+    return None
+  if len(doc) < MIN_PAGE_CHARS:
+    counts['tiny'] += 1
+    return None
+  counts['kept'] += 1
+  return doc
+
+
+def _new_counts() -> dict[str, int]:
+  return dict(pages=0, skipped=0, tiny=0, failed=0, kept=0)
+
+
 def _dump_documents(path: str) -> Iterator[str]:
-  counts = dict(pages=0, skipped=0, tiny=0, failed=0, kept=0)
-  opener = bz2.open if path.endswith('.bz2') else open
-  with opener(path, 'rb') as f:
-    root = None
-    for event, elem in ET.iterparse(f, events=('start', 'end')):
-      if root is None:
-        root = elem
-      if event != 'end' or not elem.tag.endswith('}page'):
-        continue
-      counts['pages'] += 1
-      text = elem.findtext('{*}revision/{*}text') or ''
-      article = (elem.findtext('{*}ns') == '0'
-                 and elem.find('{*}redirect') is None)
-      title = elem.findtext('{*}title')
-      root.clear()  # Constant memory: drop every page already read.
-      if not article:
-        counts['skipped'] += 1
-        continue
-      try:
-        doc = clean_wikitext(text)
-      except Exception as e:  # pylint: disable=broad-except
-        # One malformed page must not stop a multi-hour parse.
-        logging.warning('Skipping page %r: parse failed: %s', title, e)
-        counts['failed'] += 1
-        continue
-      if len(doc) < MIN_PAGE_CHARS:
-        counts['tiny'] += 1
-        continue
-      counts['kept'] += 1
+  counts = _new_counts()
+  for title, text in _dump_pages(path, Position([path]), counts):
+    doc = _clean_page(title, text, counts)
+    if doc is not None:
       yield doc
   logging.info('Dump %s: %s', path, counts)
 
 
-def _text_documents(path: str, one_doc_per_file: bool) -> Iterator[str]:
+def _normalize(text: str) -> str:
+  lines = (' '.join(line.split()) for line in text.splitlines())
+  return '\n'.join(filter(None, lines))
+
+
+def _text_documents(path: str, one_doc_per_file: bool,
+                    pos: Position) -> Iterator[str]:
   bad = 0
   lines = []
-  with open(path, 'rb') as f:
-    for raw in f:
-      line = raw.decode('utf-8', errors='replace')
-      # A real U+FFFD in the file is not a decoding error.
-      bad += line.count('\ufffd') - raw.count(b'\xef\xbf\xbd')
-      line = ' '.join(line.split())
-      if line:
-        lines.append(line)
-      elif lines and not one_doc_per_file:
-        yield '\n'.join(lines)
-        lines = []
+  raw = pos._open(path)  # pylint: disable=protected-access
+  try:
+    with raw, records.open_binary(path, raw) as f:
+      for raw_line in f:
+        line = raw_line.decode('utf-8', errors='replace')
+        # A real U+FFFD in the file is not a decoding error.
+        bad += line.count('\ufffd') - raw_line.count(b'\xef\xbf\xbd')
+        line = ' '.join(line.split())
+        if line:
+          lines.append(line)
+        elif lines and not one_doc_per_file:
+          yield '\n'.join(lines)
+          lines = []
+  except (OSError, EOFError) as e:
+    raise _read_error(path, e) from e
   if lines:
     yield '\n'.join(lines)
+  pos._close(path)  # pylint: disable=protected-access
   if bad:
     logging.warning('%s: %d invalid UTF-8 byte sequences replaced by U+FFFD.',
                     path, bad)
 
 
-def _read(files: list[str], one_doc_per_file: bool) -> Iterator[str]:
-  for path in files:
-    if _is_dump(path):
-      yield from _dump_documents(path)
-    else:
-      yield from _text_documents(path, one_doc_per_file)
-
-
-def documents(source: str, cache_dir: str | None = None,
-              one_doc_per_file: bool = False) -> Iterator[str]:
-  """Returns an iterator over the documents of `source`.
-
-  A bad source raises ValueError here, at the call; the reading is lazy.
-
-  Args:
-    source: 'demo', or comma-separated paths/globs.
-    cache_dir: where to keep the cleaned text of sources with a Wikipedia
-      dump, so the slow wikitext parse runs once for the tokenizer and the
-      dataset builder. None parses every time.
-    one_doc_per_file: text files are single documents (blank lines kept
-      inside).
-  """
-  files = resolve(source)
-  cache = None
-  if cache_dir and any(map(_is_dump, files)):
-    cache = os.path.join(
-        cache_dir, f'text-{fingerprint(source, one_doc_per_file)}.jsonl')
-  return _documents(files, one_doc_per_file, cache)
-
-
-def _documents(files: list[str], one_doc_per_file: bool,
-               cache: str | None) -> Iterator[str]:
-  if cache is None:
-    docs = _read(files, one_doc_per_file)
-  else:
-    if not os.path.exists(cache):
-      _write_cache(_read(files, one_doc_per_file), cache)
-    docs = _read_cache(cache)
+def _record_documents(path: str, text_field: str,
+                      pos: Position) -> Iterator[str]:
   n = 0
-  for n, doc in enumerate(docs, 1):
-    yield doc
+  for text in records.texts(path, text_field):
+    doc = _normalize(text)
+    if doc:
+      n += 1
+      yield doc
   if not n:
-    raise ValueError(f'The corpus {files} holds no document.')
+    logging.warning('%s holds no document (no non-blank %r).', path,
+                    text_field)
+  pos._close(path)  # pylint: disable=protected-access
 
 
-def _write_cache(docs: Iterator[str], path: str) -> None:
-  # Write then rename: a crash or a concurrent writer never leaves a
-  # truncated cache that would be read as complete.
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def _items(files: list[str], one_doc_per_file: bool, text_field: str,
+           pos: Position, counts: dict[str, int]
+           ) -> Iterator[tuple[str, str | None]]:
+  """(wikitext title, wikitext) for dump pages, (document, None) otherwise."""
+  for path in files:
+    if is_dump(path):
+      yield from _dump_pages(path, pos, counts)
+    elif records.kind(path):
+      for doc in _record_documents(path, text_field, pos):
+        yield doc, None
+    else:
+      for doc in _text_documents(path, one_doc_per_file, pos):
+        yield doc, None
+
+
+def _clean(items: list[tuple[str, str | None]]) -> tuple[list[str], dict]:
+  counts = _new_counts()
+  docs = []
+  for title_or_doc, wikitext in items:
+    doc = (title_or_doc if wikitext is None
+           else _clean_page(title_or_doc, wikitext, counts))
+    if doc is not None:
+      docs.append(doc)
+  return docs, counts
+
+
+def file_documents(path: str, text_field: str) -> Iterator[str]:
+  """The documents of one file of a source (a Beam task's share)."""
+  return _read([path], False, text_field, Position([path]))
+
+
+def _read(files: list[str], one_doc_per_file: bool, text_field: str,
+          pos: Position) -> Iterator[str]:
+  counts = _new_counts()
+  for title_or_doc, wikitext in _items(files, one_doc_per_file, text_field,
+                                       pos, counts):
+    doc = (title_or_doc if wikitext is None
+           else _clean_page(title_or_doc, wikitext, counts))
+    if doc is not None:
+      yield doc
+  if counts['pages']:
+    logging.info('Dump pages of %s: %s', files, counts)
+
+
+class Documents:
+  """The documents of a source: iterate as often as needed.
+
+  `position` tracks the bytes of the source read by the latest iteration;
+  `total_bytes` is the source's size on disk.
+  """
+
+  def __init__(self, source: str, cache_dir: str | None = None,
+               one_doc_per_file: bool = False, text_field: str = 'text',
+               workers: int = 1):
+    self.files = resolve(source)
+    check(self.files, text_field)
+    self._one_doc_per_file = one_doc_per_file
+    self._text_field = text_field
+    self._workers = workers
+    self._cache = None
+    if cache_dir and any(map(is_dump, self.files)):
+      self._cache = os.path.join(
+          cache_dir,
+          f'text-{fingerprint(source, one_doc_per_file, text_field)}')
+    self.position = Position(self.files)
+
+  @property
+  def total_bytes(self) -> int:
+    return self.position.total
+
+  def __iter__(self) -> Iterator[str]:
+    if self._cache is None:
+      self.position.start(self.position.total)
+      docs = _read(self.files, self._one_doc_per_file, self._text_field,
+                   self.position)
+    else:
+      if not os.path.exists(os.path.join(self._cache, 'done.json')):
+        self._write_cache()
+      # Progress is then in bytes of the cache.
+      self.position.start(sum(
+          e.stat().st_size for e in os.scandir(self._cache)))
+      docs = _read_cache(self._cache, self.position)
+    n = 0
+    for n, doc in enumerate(docs, 1):
+      yield doc
+    if not n:
+      raise ValueError(f'The corpus {self.files} holds no document.')
+
+  def _write_cache(self) -> None:
+    """Cleans the source into cache parts, in parallel; resumes a killed run.
+
+    Each part is written under a temporary name then renamed, and done.json
+    only after the last one, so a crash or a concurrent writer never leaves
+    a truncated cache that would be read as complete; a rerun skips the parts
+    already written.
+    """
+    cache = self._cache
+    os.makedirs(cache, exist_ok=True)
+    pos = Position(self.files)
+    counts = _new_counts()
+    items = _items(self.files, self._one_doc_per_file, self._text_field, pos,
+                   counts)
+    progress = parallel.Progress('Cleaning', pos)
+    parts = 0
+    with parallel.Pool(self._workers) as pool:
+      tasks = ((_clean_part, (chunk, os.path.join(cache, _part_name(k))))
+               for k, chunk in enumerate(parallel.chunks(
+                   items, _CLEAN_CHUNK_CHARS,
+                   size=lambda it: len(it[0]) + len(it[1] or ''))))
+      for parts, (kept, chars, part_counts) in enumerate(
+          pool.ordered(tasks), 1):
+        for k, v in part_counts.items():
+          counts[k] += v
+        progress.update(kept, chars)
+    counts.update(parts=parts)
+    parallel.write_json_atomic(os.path.join(cache, 'done.json'), counts)
+    progress.finish()
+    logging.info('Cached cleaned text of %s in %s: %s', self.files, cache,
+                 counts)
+
+
+def _part_name(k: int) -> str:
+  return f'part-{k:07d}.jsonl'
+
+
+def _clean_part(items, path: str) -> tuple[int, int, dict[str, int]]:
+  """Worker: cleans one chunk into a part file (skipped if already there)."""
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      docs = [json.loads(line) for line in f]
+    return len(docs), sum(map(len, docs)), {}
+  docs, counts = _clean(items)
   tmp = f'{path}.tmp-{uuid.uuid4().hex}'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
@@ -252,10 +485,36 @@ def _write_cache(docs: Iterator[str], path: str) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  logging.info('Cached cleaned text in %s', path)
+  return len(docs), sum(map(len, docs)), counts
 
 
-def _read_cache(path: str) -> Iterator[str]:
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      yield json.loads(line)
+def _read_cache(cache: str, pos: Position) -> Iterator[str]:
+  with open(os.path.join(cache, 'done.json')) as f:
+    parts = json.load(f)['parts']
+  for k in range(parts):
+    path = os.path.join(cache, _part_name(k))
+    with pos._open(path) as f:  # pylint: disable=protected-access
+      for line in f:
+        yield json.loads(line)
+    pos._close(path)  # pylint: disable=protected-access
+
+
+def documents(source: str, cache_dir: str | None = None,
+              one_doc_per_file: bool = False, text_field: str = 'text',
+              workers: int = 1) -> Documents:
+  """The documents of `source` (iterable, re-iterable, lazy).
+
+  A bad source raises ValueError here, at the call; the reading is lazy.
+
+  Args:
+    source: 'demo', or comma-separated paths/globs/dataset directories.
+    cache_dir: where to keep the cleaned text of sources with a Wikipedia
+      dump, so the slow wikitext parse runs once for the tokenizer and the
+      dataset builder. None parses every time.
+    one_doc_per_file: text files are single documents (blank lines kept
+      inside).
+    text_field: the text field of JSON Lines records, the text column of
+      Parquet files and datasets.
+    workers: processes cleaning wikitext when the cache is built.
+  """
+  return Documents(source, cache_dir, one_doc_per_file, text_field, workers)

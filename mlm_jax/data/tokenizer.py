@@ -25,8 +25,6 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
-from mlm_jax.data import sources
-
 # The model, masking and packing code rely on these ids; load() checks them.
 SPECIALS = {'[PAD]': 0, '[UNK]': 1, '[CLS]': 2, '[SEP]': 3, '[MASK]': 4}
 # SentencePiece trains on a sample of this many lines (paragraphs) of a big
@@ -217,6 +215,14 @@ def load(path: str) -> 'Tokenizer | HFTokenizer':
   return Tokenizer(processor)
 
 
+def from_model_bytes(kind: str, model_bytes: bytes) -> 'Tokenizer | HFTokenizer':
+  """The tokenizer whose `kind` and `model_bytes` these are (for workers)."""
+  if kind == 'hf':
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(tokenizers.Tokenizer.from_str(model_bytes.decode()))
+  return Tokenizer(spm.SentencePieceProcessor(model_proto=model_bytes))
+
+
 def train(source_docs: Iterable[str], vocab_size: int,
           out_path: str) -> Tokenizer:
   """Trains a unigram model on the lines of `source_docs`, writes `out_path`."""
@@ -256,6 +262,9 @@ def train(source_docs: Iterable[str], vocab_size: int,
 
 def main(argv):
   del argv
+  # Here, not at the top: build workers import this module to tokenize and
+  # need no wikitext parser.
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   args = flags.FLAGS
   tok = train(sources.documents(args.source), args.vocab_size, args.out)
   print(f'Wrote {args.out} (vocab_size={tok.vocab_size})')

@@ -34,7 +34,8 @@ def _write_docs(path, docs) -> None:
 def _make_config(source: str, data_dir: str, **overrides):
   config = ml_collections.ConfigDict(dict(
       source=source, data_dir=data_dir, tokenizer='', vocab_size=VOCAB_SIZE,
-      eval_fraction=0.1))
+      eval_fraction=0.1, text_field='text', workers=1, beam_runner='',
+      beam_options=''))
   config.update(overrides)
   return config
 

@@ -97,19 +97,19 @@ def test_rebuilt_when_the_source_changes(tmp_path, make_docs, write_docs,
 
 
 def test_crash_leaves_nothing_reusable(tmp_path, corpus, prepared):
-  calls = []
+  crash = [True]
 
   def documents():
-    calls.append(1)
     for i, doc in enumerate(corpus[1]):
-      if len(calls) == 2 and i == 20:  # after the hash pass, mid-build
+      if crash[0] and i == 40:  # mid-build, after some chunks are done
         raise RuntimeError('crash')
       yield doc
 
   def make():
     return builder.PackedMLM(
         data_dir=str(tmp_path), documents=documents, source_fingerprint='x',
-        tokenizer=prepared.tokenizer, seq_len=16, eval_fraction=0.1)
+        tokenizer=prepared.tokenizer, seq_len=16, eval_fraction=0.1,
+        chunk_chars=500)
 
   rows = make()
   # A stale temporary directory, as a killed build leaves it.
@@ -120,9 +120,25 @@ def test_crash_leaves_nothing_reusable(tmp_path, corpus, prepared):
     rows.download_and_prepare()
   assert not rows.data_path.exists()
   assert not make().is_prepared()
+  kept = {n: os.stat(os.path.join(rows.work_dir, n)).st_mtime_ns
+          for n in os.listdir(rows.work_dir)}
+  assert kept and all(n.endswith('.npz') and '.tmp' not in n for n in kept)
+  crash[0] = False
   rows = make()
   rows.download_and_prepare()
-  assert len(rows.as_data_source('train')) > 0
+  # The rerun kept the finished chunks (not rewritten), and made the rows of
+  # a clean build.
+  assert {n: os.stat(os.path.join(rows.work_dir, n)).st_mtime_ns
+          for n in kept} == kept
+  clean = builder.PackedMLM(
+      data_dir=str(tmp_path / 'clean'), documents=documents,
+      source_fingerprint='x', tokenizer=prepared.tokenizer, seq_len=16,
+      eval_fraction=0.1)
+  clean.download_and_prepare()
+  for split in ('train', 'validation'):
+    for got, want in zip(_rows(rows.as_data_source(split)),
+                         _rows(clean.as_data_source(split))):
+      np.testing.assert_array_equal(got, want)
 
 
 def test_given_tokenizer_and_bad_settings(tmp_path, corpus, prepared,

@@ -1,0 +1,249 @@
+"""`python -m mlm_jax.bench data`: dataset builds from real text, 1 vs all workers.
+
+Makes a corpus of --data_mb MB (uncompressed) in each format from the real
+Wikipedia excerpt that ships with gensim: copy c of the excerpt has its own
+document order and a copy word in every paragraph, so no two documents are
+alike. Then builds each with `data.prepare` in a fresh child process and data
+dir, once per --data_workers entry (1 = serial, 0 = every core), with one
+tokenizer trained up front (so a build times cleaning, tokenizing, packing and
+writing), and prints wall and CPU seconds (the build and its workers), MB/s,
+tokens/s, peak RSS (the build process, and the sum over it and its workers,
+sampled every 50 ms) and the speed-up over one worker. The seconds are those
+of data.prepare in the child (its Python start and imports excluded).
+
+  python -m mlm_jax.bench data --data_mb=100 [--data_formats=text,xml,jsonl,parquet]
+      [--data_workers=1,0] [--data_root=/tmp/mlm_jax_bench_data] [--json=out.json]
+"""
+
+import bz2
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+_MB = flags.DEFINE_float('data_mb', 100, 'data: corpus size per format, in MB '
+                         'of uncompressed text (XML for the dump).')
+_FORMATS = flags.DEFINE_list('data_formats', ['text', 'xml', 'jsonl',
+                                              'parquet'], 'data: formats.')
+_WORKERS = flags.DEFINE_list('data_workers', ['1', '0'],
+                             'data: data.workers of each build (0 = all).')
+_ROOT = flags.DEFINE_string('data_root', '/tmp/mlm_jax_bench_data',
+                            'data: corpora and builds go here (kept corpora '
+                            'are reused).')
+_SEQ_LEN = 128
+_VOCAB = 8192
+_SAMPLE_S = 0.05
+
+_CHILD = '''
+import json, resource, sys, time
+from absl import logging
+import ml_collections
+from configs import base
+from mlm_jax import data
+logging.set_verbosity(logging.INFO)
+c = base.get_config().data
+c.update(json.loads(sys.argv[1]))
+def cpu():
+  return sum(r.ru_utime + r.ru_stime for r in map(
+      resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+cpu0, start = cpu(), time.perf_counter()
+prepared = data.prepare(c, %d)
+seconds = time.perf_counter() - start
+cpu = cpu() - cpu0
+print('RESULT ' + json.dumps(dict(seconds=seconds, cpu_s=cpu,
+                                  info=prepared.info)))
+''' % _SEQ_LEN
+
+
+def _demo_pages() -> list[tuple[str, str]]:
+  """(title, wikitext) of the excerpt's articles."""
+  import xml.etree.ElementTree as ET  # pylint: disable=g-import-not-at-top
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  pages = []
+  with bz2.open(sources._demo_path()) as f:  # pylint: disable=protected-access
+    for _, elem in ET.iterparse(f):
+      if elem.tag.endswith('}page'):
+        text = elem.findtext('{*}revision/{*}text') or ''
+        if (elem.findtext('{*}ns') == '0' and elem.find('{*}redirect') is None
+            and len(text) > 1000):
+          pages.append((elem.findtext('{*}title'), text))
+        elem.clear()
+  return pages
+
+
+def _copies(items: list, size: int, nbytes) -> list[tuple[int, object]]:
+  """(copy id, item) pairs until their bytes reach `size`."""
+  out, total, c = [], 0, 0
+  while total < size:
+    order = list(items)
+    random.Random(c).shuffle(order)
+    for item in order:
+      out.append((c, item))
+      total += nbytes(item)
+      if total >= size:
+        break
+    c += 1
+  return out
+
+
+def _mark(copy: int, text: str) -> str:
+  # A copy word at the start of every paragraph makes each copy's tokens
+  # and document hashes its own.
+  return '\n'.join(f'copy{copy} {line}' if line.strip() else line
+                   for line in text.split('\n'))
+
+
+def make_corpus(fmt: str, size_mb: float, root: str) -> str:
+  """Writes the corpus of `fmt` (once; reused if there) and returns its path."""
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  size = int(size_mb * 1e6)
+  ext = {'text': 'txt', 'xml': 'xml.bz2', 'jsonl': 'jsonl.gz',
+         'parquet': 'parquet'}[fmt]
+  path = os.path.join(root, f'corpus-{size_mb:g}MB.{ext}')
+  if os.path.exists(path):
+    return path
+  os.makedirs(root, exist_ok=True)
+  tmp = path + '.tmp'
+  if fmt == 'xml':
+    pages = _copies(_demo_pages(), size, lambda p: len(p[1]) + 200)
+    from xml.sax.saxutils import escape  # pylint: disable=g-import-not-at-top
+    with bz2.open(tmp, 'wt', encoding='utf-8') as f:
+      f.write('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n')
+      for c, (title, text) in pages:
+        f.write(f'<page><title>{escape(title)} {c}</title><ns>0</ns>'
+                f'<revision><text>{escape(_mark(c, text))}</text></revision>'
+                '</page>\n')
+      f.write('</mediawiki>\n')
+  else:
+    docs = list(sources.documents(sources.DEMO))
+    docs = [_mark(c, d) for c, d in _copies(docs, size, len)]
+    if fmt == 'text':
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.write('\n\n'.join(docs) + '\n')
+    elif fmt == 'jsonl':
+      with gzip.open(tmp, 'wt', encoding='utf-8', compresslevel=1) as f:
+        for d in docs:
+          f.write(json.dumps({'id': len(d), 'text': d}) + '\n')
+    else:
+      import pyarrow as pa  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      pq.write_table(pa.table({'text': docs}), tmp, row_group_size=1000)
+  os.replace(tmp, path)
+  return path
+
+
+def _uncompressed_mb(fmt: str, path: str) -> float:
+  if fmt == 'xml':
+    with bz2.open(path) as f:
+      return sum(len(b) for b in iter(lambda: f.read(1 << 24), b'')) / 1e6
+  if fmt == 'text':
+    return os.path.getsize(path) / 1e6
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sum(len(d) for d in sources.documents(path)) / 1e6
+
+
+def _tree_rss(proc) -> tuple[int, int]:
+  """RSS bytes of `proc` and of it plus all its descendants."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  try:
+    main = proc.memory_info().rss
+    total = main + sum(c.memory_info().rss
+                       for c in proc.children(recursive=True))
+  except psutil.Error:  # exited meanwhile
+    return 0, 0
+  return main, total
+
+
+def build(config: dict, env: dict) -> dict:
+  """Runs data.prepare(config) in a child; its seconds, info and peak RSS."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, '-c', _CHILD, json.dumps(config)]
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, env=env) as child:
+    proc = psutil.Process(child.pid)
+    peak_main = peak_tree = 0
+    while child.poll() is None:
+      main, tree = _tree_rss(proc)
+      peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
+      time.sleep(_SAMPLE_S)
+    out, err = child.communicate()
+  if child.returncode:
+    raise RuntimeError(f'Build failed ({child.returncode}):\n{err[-3000:]}')
+  result = json.loads(next(l for l in out.splitlines()
+                           if l.startswith('RESULT '))[len('RESULT '):])
+  result.update(peak_rss_main=peak_main, peak_rss_tree=peak_tree)
+  return result
+
+
+def data_bench() -> dict:
+  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mlm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  root = _ROOT.value
+  os.makedirs(root, exist_ok=True)
+  tok_path = os.path.join(root, f'sp-demo-{_VOCAB}.model')
+  if not os.path.exists(tok_path):
+    tokenizer_lib.train(sources.documents(sources.DEMO), _VOCAB, tok_path)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [repo, os.environ.get('PYTHONPATH')])))
+  load_before = os.getloadavg()[0]
+  runs = []
+  for fmt in _FORMATS.value:
+    t = time.perf_counter()
+    path = make_corpus(fmt, _MB.value, root)
+    made_s = time.perf_counter() - t
+    mb = _uncompressed_mb(fmt, path)
+    serial_s = None
+    for workers in map(int, _WORKERS.value):
+      data_dir = os.path.join(root, f'build-{fmt}-{workers}')
+      shutil.rmtree(data_dir, ignore_errors=True)
+      r = build(dict(source=path, data_dir=data_dir, tokenizer=tok_path,
+                     workers=workers), env)
+      shutil.rmtree(data_dir, ignore_errors=True)
+      tokens = r['info']['train']['tokens'] + r['info']['validation']['tokens']
+      if workers == 1:
+        serial_s = r['seconds']
+      runs.append(dict(
+          format=fmt, workers=workers, resolved_workers=(
+              workers or len(os.sched_getaffinity(0))),
+          corpus=path, corpus_made_s=made_s, disk_mb=os.path.getsize(path) / 1e6,
+          mb=mb, seconds=r['seconds'], mb_per_s=mb / r['seconds'],
+          cpu_s=r['cpu_s'],
+          tokens=tokens, tokens_per_s=tokens / r['seconds'],
+          rows=r['info']['train']['rows'] + r['info']['validation']['rows'],
+          peak_rss_main_mb=r['peak_rss_main'] / 1e6,
+          peak_rss_tree_mb=r['peak_rss_tree'] / 1e6,
+          speedup=serial_s / r['seconds'] if serial_s else None))
+  return dict(data_mb=_MB.value, cores=len(os.sched_getaffinity(0)),
+              cpu=_cpu_name(), load_before=load_before,
+              load_after=os.getloadavg()[0], runs=runs)
+
+
+def _cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(l.split(':', 1)[1].strip() for l in f
+                  if l.startswith('model name'))
+  except (OSError, StopIteration):
+    return 'unknown'
+
+
+def print_data(result: dict) -> None:
+  print(f"data: {result['data_mb']:g} MB per format, {result['cores']} cores "
+        f"({result['cpu']}), seq_len {_SEQ_LEN}, load "
+        f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
+  print(f"{'format':<8} {'workers':>7} {'MB':>8} {'s':>8} {'CPU s':>8} "
+        f"{'MB/s':>7} {'Mtok/s':>7} {'RSS main MB':>12} {'RSS all MB':>11} "
+        f"{'speed-up':>9}")
+  for r in result['runs']:
+    speedup = f"{r['speedup']:.2f}x" if r['speedup'] else '-'
+    print(f"{r['format']:<8} {r['resolved_workers']:>7} {r['mb']:>8.1f} "
+          f"{r['seconds']:>8.1f} {r['cpu_s']:>8.1f} {r['mb_per_s']:>7.2f} "
+          f"{r['tokens_per_s'] / 1e6:>7.3f} {r['peak_rss_main_mb']:>12.0f} "
+          f"{r['peak_rss_tree_mb']:>11.0f} {speedup:>9}")

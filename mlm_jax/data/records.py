@@ -1,0 +1,150 @@
+"""Record files: JSON Lines, Parquet and Hugging Face `datasets` arrow files.
+
+Web corpora ship as records with a text field (C4: `.json.gz`, FineWeb:
+`.parquet`, a `datasets.save_to_disk` directory: `.arrow` files). Each record
+is one document. Every reader streams (a line, a row group, a record batch at
+a time), so memory stays flat whatever the shard size, and `check` opens each
+file's first record up front, so a wrong field or a file of the wrong kind
+fails before any long work.
+"""
+
+from collections.abc import Iterator
+import bz2
+import gzip
+import io
+import json
+import os
+
+JSONL = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.bz2', '.json.gz')
+PARQUET = ('.parquet',)
+ARROW = ('.arrow',)
+_BATCH_ROWS = 1024
+
+
+class RecordError(ValueError):
+  """A record file that cannot be read as one; the message names it."""
+
+
+def kind(path: str) -> str | None:
+  """'jsonl', 'parquet', 'arrow', or None for a file that holds no records."""
+  name = os.path.basename(path).lower()
+  for k, suffixes in (('jsonl', JSONL), ('parquet', PARQUET),
+                      ('arrow', ARROW)):
+    if name.endswith(suffixes):
+      return k
+  return None
+
+
+def open_binary(path: str, raw):
+  """`raw` (an open binary file) decompressed by `path`'s suffix."""
+  if path.endswith('.gz'):
+    return gzip.open(raw, 'rb')
+  if path.endswith('.bz2'):
+    return bz2.open(raw, 'rb')
+  if path.endswith('.zst'):
+    import zstandard  # pylint: disable=g-import-not-at-top
+    # BufferedReader: zstandard's reader is not line-iterable.
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
+        raw, read_across_frames=True))
+  return raw
+
+
+def hf_dataset_files(directory: str) -> list[str]:
+  """The arrow files of a `datasets` `save_to_disk` directory, in order."""
+  state = os.path.join(directory, 'state.json')
+  if os.path.isfile(os.path.join(directory, 'dataset_dict.json')):
+    splits = sorted(d for d in os.listdir(directory)
+                    if os.path.isdir(os.path.join(directory, d)))
+    raise ValueError(f'{directory!r} is a DatasetDict; point data.source at '
+                     f'one of its splits: {splits} (e.g. {directory}/train).')
+  if not os.path.isfile(state):
+    raise ValueError(f'{directory!r} is a directory but not a Hugging Face '
+                     'dataset saved with save_to_disk (no state.json); give '
+                     'files or globs instead.')
+  with open(state) as f:
+    names = [d['filename'] for d in json.load(f)['_data_files']]
+  return [os.path.join(directory, n) for n in names]
+
+
+def _field_error(path: str, field: str, found) -> ValueError:
+  return RecordError(f'{path}: no text field {field!r} (found {sorted(found)}); '
+                    f'set --config.data.text_field to the field holding the '
+                    'text.')
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+  with open(path, 'rb') as raw, open_binary(path, raw) as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        yield number, line
+
+
+def _jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
+  try:
+    record = json.loads(line)
+  except ValueError as e:
+    raise RecordError(f'{path}:{number} is not a JSON record ({e}); is it a '
+                     'JSON Lines file?') from e
+  if not isinstance(record, dict) or field not in record:
+    raise _field_error(path, field, record if isinstance(record, dict) else [])
+  text = record[field]
+  if not isinstance(text, str):
+    raise RecordError(f'{path}:{number}: field {field!r} holds a '
+                     f'{type(text).__name__}, not text; set '
+                     '--config.data.text_field.')
+  return text
+
+
+def _arrow_batches(path: str, field: str, kind_: str):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  if kind_ == 'parquet':
+    f = pq.ParquetFile(path)
+    names = f.schema_arrow.names
+    if field not in names:
+      raise _field_error(path, field, names)
+    yield from f.iter_batches(batch_size=_BATCH_ROWS, columns=[field])
+    return
+  with pa.memory_map(path) as source:
+    try:
+      reader = pa.ipc.open_stream(source)  # what save_to_disk writes
+    except pa.ArrowInvalid:
+      reader = pa.ipc.open_file(source)
+    if field not in reader.schema.names:
+      raise _field_error(path, field, reader.schema.names)
+    batches = reader if hasattr(reader, '__iter__') else (
+        reader.get_batch(i) for i in range(reader.num_record_batches))
+    for batch in batches:
+      yield batch.select([field])
+
+
+def texts(path: str, field: str) -> Iterator[str]:
+  """The `field` of every record of `path`, in file order."""
+  k = kind(path)
+  try:
+    if k == 'jsonl':
+      for number, line in _jsonl_lines(path):
+        yield _jsonl_text(path, number, line, field)
+      return
+    for batch in _arrow_batches(path, field, k):
+      column = batch.column(0)
+      if not (column.type.equals('string') or column.type.equals(
+          'large_string')):
+        raise RecordError(f'{path}: column {field!r} holds {column.type}, not '
+                         'text; set --config.data.text_field.')
+      for text in column.to_pylist():
+        if text is not None:
+          yield text
+  except RecordError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncated gzip, corrupt zstd frames, a CSV named .parquet: name the file.
+    raise RecordError(f'{path} is corrupt, truncated or not a {k} file '
+                      f'({type(e).__name__}: {e}); re-download or remove it '
+                      'from data.source.') from e
+
+
+def check(path: str, field: str) -> None:
+  """Reads `path`'s first record: a wrong field or format fails now."""
+  for _ in texts(path, field):
+    return

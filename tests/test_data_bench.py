@@ -1,0 +1,47 @@
+"""`python -m mlm_jax.bench data` at a tiny size: it runs and reports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlm_jax import bench_data
+from mlm_jax.data import sources
+
+
+def test_corpus_copies_are_distinct_documents(tmp_path):
+  demo = list(sources.documents(sources.DEMO))
+  size_mb = 1.5 * sum(map(len, demo)) / 1e6  # a copy and a half
+  path = bench_data.make_corpus('text', size_mb, str(tmp_path))
+  docs = list(sources.documents(path))
+  assert sum(map(len, docs)) >= size_mb * 1e6
+  assert len(set(docs)) == len(docs) > len(demo)  # the copies differ
+  assert docs[:3] != demo[:3]  # each copy has its own order
+  assert bench_data.make_corpus('text', size_mb, str(tmp_path)) == path
+
+
+@pytest.mark.slow
+def test_bench_data_reports_every_format_and_worker_count(tmp_path):
+  out = tmp_path / 'r.json'
+  run = subprocess.run(
+      [sys.executable, '-m', 'mlm_jax.bench', 'data', '--data_mb=0.3',
+       '--data_workers=1,2', f'--data_root={tmp_path}', f'--json={out}'],
+      env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True,
+      text=True, check=True)
+  result = json.loads(out.read_text())
+  runs = {(r['format'], r['workers']): r for r in result['runs']}
+  assert set(runs) == {(f, w) for f in ('text', 'xml', 'jsonl', 'parquet')
+                       for w in (1, 2)}
+  for (fmt, workers), r in runs.items():
+    assert r['mb'] >= 0.3 and r['tokens'] > 0 and r['mb_per_s'] > 0
+    assert r['peak_rss_tree_mb'] >= r['peak_rss_main_mb'] > 50
+    assert r['speedup'] > 0
+    # The same corpus gives the same rows whatever the worker count.
+    assert r['rows'] == runs[fmt, 1]['rows'] and r['tokens'] == runs[
+        fmt, 1]['tokens']
+  # Two workers: the workers' memory is counted too.
+  assert runs['text', 2]['peak_rss_tree_mb'] > runs['text', 2][
+      'peak_rss_main_mb']
+  assert 'speed-up' in run.stdout and 'parquet' in run.stdout
