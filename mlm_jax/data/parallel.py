@@ -143,13 +143,19 @@ class Progress:
     logging.info('%s: %d documents, %.1f of %.1f MB (%.0f%%), %.2f MB/s%s, '
                  'ETA %s', self._what, self.documents, done / 1e6, total / 1e6,
                  100 * done / max(total, 1), rate / 1e6, tokens,
-                 time.strftime('%H:%M:%S', time.gmtime(eta)))
+                 _hms(eta))
 
   def finish(self) -> float:
     """Logs the totals; returns the seconds since the start."""
     now = time.monotonic()
     self._log(now)
     return now - self._start
+
+
+def _hms(seconds: float) -> str:
+  """'49h03m07s': a whole Wikipedia build's ETA is more than a day."""
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
 
 
 def write_json_atomic(path: str, value) -> None:

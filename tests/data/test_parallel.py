@@ -142,7 +142,7 @@ def test_progress_logs_documents_mb_tokens_and_eta(tmp_path, corpus, prepared,
            if r.getMessage().startswith('Tokenizing:')]
   assert len(lines) > 3
   assert ' documents, ' in lines[-1] and ' MB (100%), ' in lines[-1]
-  assert ' MB/s, ' in lines[-1] and 'M tokens/s, ETA 00:00:00' in lines[-1]
+  assert ' MB/s, ' in lines[-1] and 'M tokens/s, ETA 0h00m00s' in lines[-1]
 
 
 _BUILD = """
