@@ -338,9 +338,10 @@ def train_bench() -> dict:
 
     contenders['hf_torch'] = hf_torch
     flops['hf_torch'] = hf_flops
-  # The peak, measured in the same rotation: a large matmul in our dtype.
-  peak = metrics.peak_flops_per_device(0.0)
-  peak_source = 'table (dense bf16)'
+  # The peak in the dtype the steps run in: the device's table entry, else
+  # measured in the same rotation, a large matmul in that dtype.
+  peak = metrics.peak_flops_per_device(0.0, mcfg.dtype)
+  peak_source = f'table (dense {mcfg.dtype})'
   if peak is None:
     peak_source = 'measured: best [2048, 2048] matmul'
     n = 2048

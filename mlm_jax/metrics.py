@@ -13,28 +13,75 @@ import jax.numpy as jnp
 import numpy as np
 import tensorboardX
 
-# Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`.
-PEAK_FLOPS = (
+# Dense (no 2:4 sparsity) peak matmul FLOP/s per device, by the compute
+# dtype of the step, then by a substring of `device.device_kind` (the first
+# match wins, so 'H100 PCIe' precedes 'H100').
+#
+# 'float32' is the rate of a float32 matmul at JAX's default precision, which
+# does not run it in true fp32: on A100/H100/H200 it uses TF32 tensor cores,
+# on a TPU one bfloat16 pass of the MXU with fp32 accumulation
+# (https://docs.jax.dev/en/latest/201/precision.html). TPUs publish no other
+# fp32 matmul figure, so their fp32 peak is their bf16 peak; GPUs' is the
+# TF32 tensor-core figure, half of bf16's. Under
+# jax_default_matmul_precision='highest' neither holds (true fp32 runs on
+# CUDA cores, 67 TFLOP/s on an H100 SXM; several bf16 passes on a TPU):
+# set --config.peak_tflops_per_device.
+#
+# Sources. TPUs, "Peak compute per chip (bf16)": Cloud TPU system
+# architecture pages, https://cloud.google.com/tpu/docs/v4 (275), /v5e (197),
+# /v5p (459), /v6e (918). GPUs, NVIDIA datasheets, which give tensor-core
+# figures with sparsity: dense is half. A100 (SXM and PCIe): BF16 312, TF32
+# 156 (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf). H100 SXM: BF16
+# 1979 / 2, TF32 989 / 2; H100 PCIe: 1513 / 2, 756 / 2 (the spec table of
+# https://www.nvidia.com/en-us/data-center/h100/, "shown with sparsity,
+# 1/2 lower without"; the Hopper whitepaper's dense figures are 989.4 and
+# 494.7 at the SXM's boost clock). H200 SXM: the H100 SXM's compute (the
+# same GH100; https://www.nvidia.com/en-us/data-center/h200/). Other boards
+# (H100/H200 NVL) match 'H100'/'H200' and get the SXM figures: set
+# --config.peak_tflops_per_device for them.
+_TPU_BF16 = (
     ('TPU v4', 275e12),
     ('TPU v5 lite', 197e12),
     ('TPU v5e', 197e12),
     ('TPU v5p', 459e12),
     ('TPU v5', 459e12),
     ('TPU v6', 918e12),
-    ('H200', 989e12),
-    ('H100', 989e12),
-    ('A100', 312e12),
 )
+PEAK_FLOPS = {
+    'bfloat16': _TPU_BF16 + (
+        ('H200', 989e12),
+        ('H100 PCIe', 756e12),
+        ('H100', 989e12),
+        ('A100', 312e12),
+    ),
+    'float32': _TPU_BF16 + (
+        ('H200', 494.5e12),
+        ('H100 PCIe', 378e12),
+        ('H100', 494.5e12),
+        ('A100', 156e12),
+    ),
+}
+PEAK_FLOPS['float16'] = PEAK_FLOPS['bfloat16']  # same tensor-core rate
 
 
-def peak_flops_per_device(override_tflops: float) -> Optional[float]:
+def peak_flops_per_device(override_tflops: float,
+                          dtype: str) -> Optional[float]:
+  """Peak FLOP/s of one device for matmuls in `dtype` (the compute dtype).
+
+  `override_tflops` > 0 wins; otherwise the PEAK_FLOPS entry of the default
+  device's kind, or None for a device without one (a CPU: MFU then needs a
+  measured peak, see `matmul_flops_per_second`).
+  """
+  if dtype not in PEAK_FLOPS:
+    raise ValueError(f'No peak FLOP/s table for dtype {dtype!r}; known: '
+                     f'{sorted(PEAK_FLOPS)}.')
   if override_tflops > 0:
     return override_tflops * 1e12
   kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS:
+  for name, flops in PEAK_FLOPS[dtype]:
     if name in kind:
       return flops
-  return None  # unknown (e.g. CPU): MFU is not reported
+  return None
 
 
 def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32,

@@ -454,7 +454,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
 
   writer = metrics_lib.Writer(workdir, start_step)
   lr_fn = optimizer.learning_rate_schedule(config)
-  peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device)
+  peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device,
+                                           mcfg.dtype)
   peak_total = peak and peak * jax.device_count()
   if peak is None and jax.default_backend() == 'cpu':
     # No table entry for a CPU: measure a matmul (all cores; several fake

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from mlm_jax import bench
 from mlm_jax import bench_peers
@@ -132,16 +131,23 @@ def test_train_bench_times_all_contenders(tmp_path):
   for c in r['contenders'].values():
     assert c['median_s'] > 0 and c['tokens_per_s'] > 0
     assert 0 < c['mfu'] <= 1
-  assert r['contenders']['mlm_jax']['ours_speedup'] == 1.0
-  # What each executes: our sparse head at 2 slots per row (15% of 16),
-  # HF's dense head at all 16 positions.
-  cfg = model.ModelConfig(vocab_size=200, num_layers=2, hidden_dim=128,
-                          num_heads=2, mlp_dim=512)
-  assert r['contenders']['mlm_jax']['flops_per_step'] == pytest.approx(
-      metrics.train_flops(cfg, 16, 32, 2 * 2))
+  # What each executes, by hand (the tiny preset: 2 layers, width 128, MLP
+  # 512; 16 tokens per row): per token per layer, 2 FLOPs per multiply-add
+  # of Q, K, V, O and the MLP, and attention over all 16 keys; per
+  # prediction, the head's transform and its 200-way decoder; backward is
+  # twice forward.
+  d, f, seq, vocab = 128, 512, 16, 200
+  layer = 2 * (4 * d * d + 2 * d * f) + 2 * (2 * seq * d)
+  head = 2 * (d * d + d * vocab)
+  keys_values = 2 * (2 * d * d)
+  # Ours: layer 1 at all 32 tokens, layer 2's keys and values there too, the
+  # rest of layer 2 and the head at 2 slots per row (round(0.15 x 16)).
+  assert r['contenders']['mlm_jax']['flops_per_step'] == 3 * (
+      32 * (layer + keys_values) + 4 * (layer - keys_values + head))
+  # HF: both layers and its dense head at every position.
   for peer in ('hf_flax', 'hf_torch'):
-    assert r['contenders'][peer]['flops_per_step'] == pytest.approx(
-        metrics.train_flops(cfg, 16, 32, 32, sparse_last_layer=False))
+    assert r['contenders'][peer]['flops_per_step'] == 3 * 32 * (2 * layer +
+                                                                head)
 
 
 def test_e2e_bench_reports_the_loop_the_bare_step_and_packing(tmp_path,
@@ -154,8 +160,8 @@ def test_e2e_bench_reports_the_loop_the_bare_step_and_packing(tmp_path,
   assert 0.9 < r['packing_efficiency'] <= 1
   assert r['bare_tokens_per_s'] > 0 and r['loop_tokens_per_s'] > 0
   assert len(r['loop_window_tokens_per_s']) >= 2
-  assert r['loop_over_bare'] == pytest.approx(
-      r['loop_tokens_per_s'] / r['bare_tokens_per_s'])
+  # One batch of 4 demo rows of 32: all real tokens but for a padded tail.
+  assert 0.9 * 4 * 32 < r['bare_tokens_per_batch'] <= 4 * 32
 
 
 def test_fast_dropout_drops_at_the_rate_and_rescales():

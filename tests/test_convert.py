@@ -92,16 +92,45 @@ def test_unexportable_variant_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_cli_round_trip(imported, tmp_path):
+def test_cli_export_fills_masks_as_ours_does(imported, tmp_path):
+  """The CLI export of weights that never came from HF (the import's, each
+  perturbed here) predicts in HF's fill-mask pipeline what our fill_mask
+  predicts: the same top tokens with the same probabilities."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from mlm_jax import fill_mask  # pylint: disable=g-import-not-at-top
   _, out, _ = imported
+  run = str(tmp_path / 'run')
+  shutil.copytree(out, run)
+  _, _, tok, bert, _ = convert.load_run(run)
+  params = nnx.state(bert, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+  shutil.rmtree(os.path.join(run, 'params'))
+  checkpoint.save_params(os.path.join(run, 'params'), params)
+  nnx.update(bert, params)
+
   result = subprocess.run(
-      [sys.executable, '-m', 'mlm_jax.convert', 'to_hf', f'--workdir={out}',
+      [sys.executable, '-m', 'mlm_jax.convert', 'to_hf', f'--workdir={run}',
        f'--hf_dir={tmp_path / "cli"}'], capture_output=True, text=True,
       check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
   assert (tmp_path / 'cli' / 'model.safetensors').is_file()
   pipe = transformers.pipeline('fill-mask', model=str(tmp_path / 'cli'))
-  assert len(pipe('the [MASK] sat on the mat .', top_k=3)) == 3
+  texts = ['the [MASK] sat on the mat .', 'a bird sang in the [MASK] .']
+  ours = fill_mask.predict(bert, tok, texts, top_k=3)
+  for text, per_mask in zip(texts, ours):
+    theirs = pipe(text, top_k=3)
+    assert [c['token'] for c in theirs] == [c['id'] for c in per_mask[0]]
+    np.testing.assert_allclose([c['score'] for c in theirs],
+                               [c['score'] for c in per_mask[0]], rtol=1e-4)
+  # Not the import's predictions: the perturbed weights were exported.
+  original = transformers.pipeline('fill-mask', model=hf_dirs.bert_dir(
+      str(tmp_path / 'original')))
+  assert [c['token'] for c in original(texts[0], top_k=3)] != [
+      c['id'] for c in ours[0][0]]
 
 
 @pytest.mark.slow

@@ -322,3 +322,18 @@ def test_glue_task_reads_a_prepared_array_record_dir(tmp_path):
   for ex in (t.train, t.test):
     assert [int(s.split()[1]) % 2 for s in ex.text_a] == ex.labels.tolist()
   assert t.test.text_b is None
+
+
+@pytest.mark.parametrize('empty', ['dev', 'test'])
+def test_an_empty_split_fails_before_loading_the_model(fake_run, monkeypatch,
+                                                       empty):
+  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(convert, 'load_run', _never)
+  some = labelled.Examples(('a b', 'c d'), None, np.asarray([0, 1], np.int32))
+  none = labelled.Examples((), None, np.zeros(0, np.int32))
+  splits = {'train': some, 'dev': some, 'test': some, empty: none}
+  task = labelled.Task('hand', ('x', 'y'), info={}, **splits)
+  with pytest.raises(ValueError, match=f"'hand': the {empty} split is empty"):
+    finetune.finetune(fake_run, labelled.DEMO_ARTICLES, loaded=task)
+  with pytest.raises(ValueError, match='empty split'):
+    finetune.accuracy(_never, None, {'labels': np.zeros(0)}, 4)

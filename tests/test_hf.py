@@ -138,7 +138,17 @@ def test_variants_without_token_types_or_biases_export_exactly():
                           type_vocab_size=0, use_bias=False, dropout_rate=0.0,
                           attention_dropout_rate=0.0)
   ours = model.create(cfg, jax.random.key(2))
-  # Give the (bias-free) LayerNorms a non-trivial scale.
+  # Perturb every weight (fresh LayerNorm scales are all 1, the head's
+  # bias 0), so the parity below is not that of an initialisation.
+  params = nnx.state(ours, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  nnx.update(ours, jax.tree.unflatten(treedef, [
+      x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)]))
+  scales = [x for path, x in jax.tree_util.tree_leaves_with_path(
+      nnx.state(ours, nnx.Param)) if 'scale' in jax.tree_util.keystr(path)]
+  assert scales and all(np.abs(np.asarray(x) - 1).min() > 0 for x in scales)
   sd = hf.to_hf_state_dict(cfg, nnx.state(ours, nnx.Param))
   hf_model = transformers.BertForMaskedLM(hf.bert_config(cfg)).eval()
   hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()},

@@ -60,9 +60,11 @@ def test_metrics_are_sums_and_weights():
                                    masker=masker, rate_fn=lambda _: 0.25))
   _, m = step(state, _batch())
   # 8 rows x 15 maskable tokens x 0.25 -> round(3.75) = 4 predictions per row.
-  assert float(m['loss'][1]) == 32.0
-  assert 0 <= float(m['accuracy'][0]) <= 32.0
-  assert float(m['mask_accuracy'][1]) <= 32.0
+  # (Values against a hand-built mask: tests/test_metrics_by_hand.py.)
+  assert float(m['loss'][1]) == 32.0 and float(m['accuracy'][1]) == 32.0
+  # Accuracy by kind counts the slots of that kind that the telemetry counts.
+  for kind in ('mask', 'random', 'kept'):
+    assert float(m[f'{kind}_accuracy'][1]) == float(m[f'frac_{kind}'][0])
   # Telemetry: 32 of 8 x 15 maskable tokens; no special token chosen.
   np.testing.assert_allclose(m['mask_rate'], [32.0, 120.0])
   assert float(m['special_masked'][0]) == 0.0
@@ -76,12 +78,24 @@ def test_eval_step_is_deterministic_and_reports_the_baseline():
   _, graphdef, _, masker, state, _ = _setup()
   fn = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
                                  masker=masker, rate=0.25, baseline_id=7))
-  a = fn(state.params, _batch(1), jax.random.key(3))
-  b = fn(state.params, _batch(1), jax.random.key(3))
+  batch = _batch(1)
+  # Token 7 in every other position, so the baseline hits often.
+  batch['input_ids'] = batch['input_ids'].at[:, 1::2].set(7)
+  a = fn(state.params, batch, jax.random.key(3))
+  b = fn(state.params, batch, jax.random.key(3))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
-  assert set(a) == {'loss', 'accuracy', 'mask_accuracy', 'random_accuracy',
-                    'kept_accuracy', 'baseline_accuracy'}
+  other = fn(state.params, batch, jax.random.key(4))
+  assert float(other['loss'][0]) != float(a['loss'][0])
+  # The baseline by hand, from the same mask: target 7 at the [MASK] slots.
+  masked = jax.device_get(masker(jax.random.key(3), batch['input_ids'], None,
+                                 0.25))
+  at_mask = (masked.weights_BxK > 0) & (masked.kinds_BxK ==
+                                         masking.REPLACED_MASK)
+  hits = (masked.targets_BxK == 7) & at_mask
+  assert 0 < hits.sum() < at_mask.sum()
+  np.testing.assert_array_equal(a['baseline_accuracy'],
+                                [hits.sum(), at_mask.sum()])
 
 
 def test_decay_mask_skips_layernorm_and_biases():
