@@ -11,11 +11,11 @@ W is a training run (its newest checkpoint, config.json and tokenizer) or a
 `convert from_hf` output. The defaults (150 steps of 16, peak learning rate
 3e-4) suit the demo tasks; a GLUE task wants a few epochs (--steps).
 `--from_scratch` builds the same architecture with random weights (from
---seed): the baseline a pretrained encoder must beat. Tasks are described in `mlm_jax/data/labelled.py`. Whether
-pretraining helps is asserted by
+--seed): the baseline a pretrained encoder must beat. Tasks are described in
+`mlm_jax/data/labelled.py`. Whether pretraining helps is asserted by
 tests/test_finetune.py::test_pretrained_beats_scratch_on_demo_order (a
-configs/cpu.py run of 600 steps, demo_order: pretrained must beat scratch
-by 0.08 test accuracy; its docstring has the accuracies it measured).
+configs/cpu.py run of 600 steps, demo_order: pretrained must beat scratch by
+0.08 test accuracy; its docstring has the accuracies it measured).
 
 The classifier: the encoder's vectors are mean-pooled over the real tokens
 ([CLS] and [SEP] included, padding excluded), then dropout (the model's
