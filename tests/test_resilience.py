@@ -12,6 +12,7 @@ import pytest
 
 import orbax.checkpoint as ocp
 
+from mlm_jax import chaos
 from mlm_jax import checkpoint
 from mlm_jax import train
 import tiny
@@ -70,6 +71,19 @@ def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
   assert any('SIGKILL' in k for k in kills) and any('SIGTERM' in k
                                                    for k in kills)
   assert 'Verdict: IDENTICAL' in out.stdout, out.stdout
+  (counted,) = [line for line in out.stdout.splitlines()
+                if 'kills were followed by a resume' in line]
+  assert int(counted.split(' of ')[0]) >= 3, out.stdout
+
+
+def test_the_chaos_check_counts_only_kills_that_a_newer_resume_followed():
+  # The README's old transcript: a kill before any checkpoint, a SIGTERM
+  # that saved step 11, then three kills that the next run resumed from
+  # step 11 again. One kill tested resuming; the check required 3.
+  assert chaos.resumed_kills([0, 0, 11, 11, 11, 11], [True] * 5) == 1
+  assert chaos.resumed_kills([0, 30, 60, 90, 90, 120], [True] * 5) == 4
+  # A run that finished by itself before its kill is no kill.
+  assert chaos.resumed_kills([0, 30, 300], [True, False]) == 1
 
 
 def _corrupt(step_dir, how):
