@@ -11,9 +11,10 @@ if the start-up is over first); the others while training, at a random
 moment after the run has committed a checkpoint newer than the one it
 started from, so that the kill costs it progress it must resume from.
 
-A kill counts only if the run after it resumed from a newer checkpoint than
-the killed run had started from (read from its log): a kill that the next
-run starts over from the same place tests nothing about resuming. The
+A kill counts only if the next run that got as far as restoring (read from
+its log) restored a newer checkpoint than the newest one when the killed run
+started: a kill that the next run starts over from the same place tests
+nothing about resuming. The
 verdict compares the two final checkpoints (parameters, optimizer state,
 step, RNG, data position) bit for bit, and the eval metrics at every eval
 step. Exit status 0 if identical, 1 if not, 2 (inconclusive) if fewer than
@@ -118,24 +119,30 @@ def _log_has(log_path: str, offset: int, text: str):
   return has
 
 
-def _resumed_from(log_path: str, offset: int) -> int:
-  """The step a run (its log from OFFSET) restored; 0 for a fresh start."""
+def _resumed_from(log_path: str, offset: int):
+  """The step a run (its log from OFFSET) restored: 0 for a fresh start,
+  None if it was killed before it got that far."""
   with open(log_path) as f:
     f.seek(offset)
-    m = re.search(r'Restoring checkpoint at step (\d+)', f.read())
-  return int(m.group(1)) if m else 0
+    log = f.read()
+  m = re.search(r'Restoring checkpoint at step (\d+)', log)
+  return int(m.group(1)) if m else (0 if 'Training steps' in log else None)
 
 
-def resumed_kills(starts: list[int], landed: list[bool]) -> int:
-  """How many kills the next run resumed from a newer checkpoint after.
+def resumed_kills(kills: list[tuple[int, bool]], restored: list) -> int:
+  """How many kills were followed by a resume from a newer checkpoint.
 
-  `starts` are the steps each run restored (0: fresh), in order: the killed
-  runs, then the final one; `landed` says for each killed run whether the
-  kill came before it finished. Kill i counts if it landed and run i+1
-  started from a later step than run i.
+  `kills`: per killed run, (its newest checkpoint when it started, 0 if
+  none; whether the kill landed before the run finished). `restored`: per
+  run, the killed ones then the final one, the step it restored (0: fresh;
+  None: killed before restoring). Kill i counts if it landed and the next
+  run that got as far as restoring restored a newer step than `before`.
   """
-  return sum(hit and after > before
-             for before, after, hit in zip(starts, starts[1:], landed))
+  count = 0
+  for i, (before, landed) in enumerate(kills):
+    after = next(r for r in restored[i + 1:] if r is not None)
+    count += landed and after > before
+  return count
 
 
 def _newest_step(workdir: str):
@@ -190,7 +197,7 @@ def main(argv):
   log_path = os.path.join(root, 'chaos.log')
   kinds = ([signal.SIGKILL, signal.SIGTERM] * _KILLS.value)[:_KILLS.value]
   rng.shuffle(kinds)
-  landed, starts, hits = 0, [], []
+  landed, kills, restored = 0, [], []
   checkpoint_every = _CONFIG.value.checkpoint_every
   for i, sig in enumerate(kinds, 1):
     before = _newest_step(chaos)
@@ -218,29 +225,29 @@ def main(argv):
       try:
         rc = proc.wait(timeout=wait)
         what = f'finished by itself (exit {rc}) before the {sig.name}'
-        hits.append(False)
       except subprocess.TimeoutExpired:
         proc.send_signal(sig)
         rc = proc.wait(timeout=_TIMEOUT.value)
         landed += 1
-        hits.append(True)
         what = (f'{sig.name} {moment}, {time.time() - start:.1f} s after the '
                 f'start, exit {rc}')
-    starts.append(_resumed_from(log_path, offset))
-    print(f'Kill {i}/{len(kinds)}: {what}; the run started from step '
-          f'{starts[-1]}; newest checkpoint: step {before} -> '
-          f'{_newest_step(chaos)}.', flush=True)
+    kills.append((before or 0, what.startswith(sig.name)))
+    restored.append(_resumed_from(log_path, offset))
+    print(f'Kill {i}/{len(kinds)}: {what}; it restored step {restored[-1]}; '
+          f'newest checkpoint: step {before} -> {_newest_step(chaos)}.',
+          flush=True)
     if sig == signal.SIGTERM and rc not in (0, -signal.SIGTERM):
       raise RuntimeError(f'The run exited {rc} after SIGTERM; see {log_path}.')
 
   offset = os.path.getsize(log_path)
   seconds = _run_to_end(cmd, log_path)
-  starts.append(_resumed_from(log_path, offset))
-  print(f'Final resume: from step {starts[-1]}, finished in {seconds:.1f} s '
+  restored.append(_resumed_from(log_path, offset))
+  print(f'Final resume: from step {restored[-1]}, finished in {seconds:.1f} s '
         f'at step {_newest_step(chaos)}.', flush=True)
-  resumed = resumed_kills(starts, hits)
+  resumed = resumed_kills(kills, restored)
   print(f'{resumed} of {len(kinds)} kills were followed by a resume from a '
-        'newer checkpoint than the killed run started from.', flush=True)
+        'newer checkpoint than the killed run had when it started.',
+        flush=True)
 
   ref_step, ref_state, ref_data = checkpoint.read_latest(reference)
   got_step, got_state, got_data = checkpoint.read_latest(chaos)

@@ -77,13 +77,19 @@ def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
 
 
 def test_the_chaos_check_counts_only_kills_that_a_newer_resume_followed():
+  landed = lambda befores: [(b, True) for b in befores]
   # The README's old transcript: a kill before any checkpoint, a SIGTERM
   # that saved step 11, then three kills that the next run resumed from
   # step 11 again. One kill tested resuming; the check required 3.
-  assert chaos.resumed_kills([0, 0, 11, 11, 11, 11], [True] * 5) == 1
-  assert chaos.resumed_kills([0, 30, 60, 90, 90, 120], [True] * 5) == 4
+  assert chaos.resumed_kills(landed([0, 0, 11, 11, 11]),
+                             [0, 0, 11, 11, 11, 11]) == 1
+  # Kill 3 lands during start-up, before its run restores (None): kill 2
+  # counts by the run after it, kill 3 not (that run restored step 101,
+  # the newest when the killed run started).
+  assert chaos.resumed_kills(landed([0, 30, 101, 101, 120]),
+                             [0, 30, None, 101, 120, 179]) == 4
   # A run that finished by itself before its kill is no kill.
-  assert chaos.resumed_kills([0, 30, 300], [True, False]) == 1
+  assert chaos.resumed_kills([(0, True), (30, False)], [0, 30, 300]) == 1
 
 
 def _corrupt(step_dir, how):
