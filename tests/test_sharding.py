@@ -7,6 +7,7 @@ of per-device or per-micro-batch means would be wrong).
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
@@ -176,3 +177,51 @@ def test_heads_and_accumulation_errors_give_the_numbers():
   with pytest.raises(ValueError, match='grad_accum_steps=4 micro-batches '
                      r'each divisible by the 8 .* multiple of 32'):
     sharding.check_batch_size(16, sharding.make_mesh(_config()), 4)
+
+
+def _grad_norms_over_keys(rate, keys=32, **overrides):
+  """One step's gradient norm from the same params and batch, per RNG key.
+
+  Each key changes the masks and the dropout draws; the masks are the same
+  for every variant (they depend on the key and the example ids only).
+  Weights at std 0.5 (not 0.02) make the gradient norm sensitive to the
+  dropout rate, so the statistic can tell laws apart.
+  """
+  c = _config(32, data=-1)
+  c.model.update(dropout_rate=rate, attention_dropout_rate=rate,
+                 initializer_range=0.5)
+  c.update(overrides)
+  one = c.grad_accum_steps == 1 and c.parallelism == 'pjit'
+  mesh = sharding.make_mesh(c, jax.devices()[:1] if one else None)
+  mcfg = model.model_config(c, V)
+  tx = optimizer.create(c)
+  graphdef, state, state_sharding = train.init_state(mcfg, c, tx, mesh)
+  step, to_device = train.make_train_step(
+      c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
+      rate_fn=lambda _: 0.3)
+  batch = _batches(1, 32, seed=1)[0]
+  norms = []
+  for k in range(keys):
+    fresh = jax.tree.map(jnp.copy, state).replace(
+        rng=jax.random.key_data(jax.random.key(100 + k)))
+    _, m = step(fresh, to_device(batch))
+    norms.append(float(m['grad_norm'][0]))
+  return np.array(norms)
+
+
+def _z(a, b):
+  """The paired mean difference of a and b in standard errors."""
+  d = a - b
+  return d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def test_with_dropout_accumulation_and_pmap_have_the_same_law_not_draws():
+  full = _grad_norms_over_keys(0.3)
+  for variant in (dict(grad_accum_steps=4), dict(parallelism='pmap')):
+    other = _grad_norms_over_keys(0.3, **variant)
+    # Other draws: each micro-batch (device) folds its index into the key.
+    assert np.abs(other - full).min() > 1e-4, variant
+    # The same law: the paired mean difference is within sampling error.
+    assert abs(_z(other, full)) < 4, (variant, _z(other, full))
+  # ... where another dropout rate (another law) is many errors away.
+  assert abs(_z(_grad_norms_over_keys(0.6), full)) > 4
