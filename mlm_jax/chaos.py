@@ -233,9 +233,10 @@ def main(argv):
                 f'start, exit {rc}')
     kills.append((before or 0, what.startswith(sig.name)))
     restored.append(_resumed_from(log_path, offset))
-    print(f'Kill {i}/{len(kinds)}: {what}; it restored step {restored[-1]}; '
-          f'newest checkpoint: step {before} -> {_newest_step(chaos)}.',
-          flush=True)
+    start_of_run = ('it was killed before restoring' if restored[-1] is None
+                    else f'it had restored step {restored[-1]}')
+    print(f'Kill {i}/{len(kinds)}: {what}; {start_of_run}; newest '
+          f'checkpoint: step {before} -> {_newest_step(chaos)}.', flush=True)
     if sig == signal.SIGTERM and rc not in (0, -signal.SIGTERM):
       raise RuntimeError(f'The run exited {rc} after SIGTERM; see {log_path}.')
 
