@@ -42,6 +42,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from mlm_jax.data import sources
+
 CORRUPT_DIR = 'checkpoints.corrupt'
 # tensorstore status codes (the prefix of its error messages) that mean the
 # bytes on disk are damaged or gone, not that reading them failed.
@@ -297,6 +299,27 @@ def _iterator_state(step: int, mngr, data: dict, settings: dict) -> dict:
     return data
   _check_settings(step, mngr, data['settings'], settings)
   return data['iterator']
+
+
+def data_settings(config) -> dict:
+  """The DATA_SETTINGS of a run config, and its data source (for messages)."""
+  return dict(batch_size=config.batch_size, seed=config.seed,
+              seq_len=config.seq_len, source=config.data.source,
+              source_fingerprint=sources.fingerprint(config.data.source))
+
+
+def resume(config, workdir: str, abstract_state):
+  """(manager of WORKDIR's checkpoints, restore_latest's result for config).
+
+  The manager is closed if the restore raises.
+  """
+  mngr = manager(workdir, config.keep_checkpoints, config.async_checkpointing)
+  try:
+    return mngr, restore_latest(mngr, abstract_state, data_settings(config),
+                                config.allow_fresh_start)
+  except Exception:
+    finish(mngr)
+    raise
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state,

@@ -21,7 +21,6 @@ from mlm_jax import optimizer
 from mlm_jax import preemption
 from mlm_jax import sharding
 from mlm_jax.data import pipeline
-from mlm_jax.data import sources
 
 
 _NO_STEP = np.iinfo(np.int32).max  # "no such step" in step-valued metrics
@@ -412,18 +411,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   train_iter = pipeline.train_iterator(
       prepared.train_source, config.batch_size, config.seed,
       jax.process_index(), jax.process_count())
-  data_settings = dict(
-      batch_size=config.batch_size, seed=config.seed, seq_len=config.seq_len,
-      source=config.data.source,
-      source_fingerprint=sources.fingerprint(config.data.source))
-  ckpt = checkpoint.manager(workdir, config.keep_checkpoints,
-                            config.async_checkpointing)
-  try:
-    restored = checkpoint.restore_latest(ckpt, abstract_state, data_settings,
-                                         config.allow_fresh_start)
-  except Exception:
-    checkpoint.finish(ckpt)
-    raise
+  data_settings = checkpoint.data_settings(config)
+  ckpt, restored = checkpoint.resume(config, workdir, abstract_state)
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
