@@ -164,7 +164,7 @@ def _damage_in(error):
 
 
 def _location_file(state_dir: str, location: str):
-  """(path, bytes needed) of an OCDBT location 'kind:base:file:offset:length'."""
+  """(path, bytes needed) of an OCDBT location kind:base:file:offset:length."""
   rest, offset, length = location.rsplit(':', 2)
   _, base, name = rest.split(':', 2)
   return os.path.join(state_dir, base, name), int(offset) + int(length)
@@ -337,7 +337,6 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
   RestoreError if it could not be restored for a reason other than damage,
   or if a fresh start would replace set-aside progress without the flag.
   """
-  set_aside = []
   for step in sorted(mngr.all_steps(), reverse=True):
     step_dir = os.path.join(str(mngr.directory), str(step))
     try:
@@ -351,18 +350,19 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
       if damage is None:
         raise RestoreError(
             f'Checkpoint {step} ({step_dir}) could not be restored: '
-            f'{type(e).__name__}: {e}\nIts files are complete by its own index, '
-            'so this looks like a failure of this run or machine, not of the '
-            'checkpoint (storage unavailable, host memory exhausted, a mesh '
+            f'{type(e).__name__}: {e}\nNothing shows that its files are '
+            'damaged (they are checked against its own index first), so this '
+            'looks like a failure of this run or machine, not of the checkpoint '
+            '(storage unavailable, host memory exhausted, a mesh '
             'its arrays cannot be laid out on, ...). Nothing was moved: fix '
             'the cause and run the same command again. If the checkpoint is '
             f'damaged all the same, move {step_dir} out of {mngr.directory} '
             'and rerun to resume from the one before.') from e
       problems = [damage]
     _set_aside(mngr, step, problems)
-    set_aside.append(step)
   corrupt_dir = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
-  earlier = sorted(os.listdir(corrupt_dir)) if os.path.isdir(corrupt_dir) else []
+  earlier = (sorted(os.listdir(corrupt_dir)) if os.path.isdir(corrupt_dir)
+             else [])
   if earlier and not allow_fresh_start:
     raise RestoreError(
         f'No checkpoint in {mngr.directory} is left to resume from: '

@@ -280,12 +280,11 @@ def _check_tied(state_dict: Mapping, word_VxD: np.ndarray) -> None:
   if name not in state_dict:
     return
   decoder_VxD = np.asarray(state_dict[name], np.float32)
-  if decoder_VxD.shape == word_VxD.shape and np.array_equal(decoder_VxD,
-                                                            word_VxD):
+  same_shape = decoder_VxD.shape == word_VxD.shape
+  if same_shape and np.array_equal(decoder_VxD, word_VxD):
     return
-  detail = (f'max abs difference {float(np.abs(decoder_VxD - word_VxD).max()):.3g}'
-            if decoder_VxD.shape == word_VxD.shape else
-            f'shape {decoder_VxD.shape} vs {word_VxD.shape}')
+  detail = (f'max abs difference {np.abs(decoder_VxD - word_VxD).max():.3g}'
+            if same_shape else f'shape {decoder_VxD.shape} vs {word_VxD.shape}')
   raise ValueError(
       f'{name} differs from bert.embeddings.word_embeddings.weight ({detail}): '
       'the checkpoint has an untied MLM decoder (tie_word_embeddings=False), '

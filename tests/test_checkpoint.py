@@ -123,7 +123,8 @@ def test_verify_names_the_file_and_both_sizes(tmp_path):
   size = os.path.getsize(path)
   os.truncate(path, size // 2)
   (problem,) = checkpoint.verify(step_dir)
-  prefix = f'{path} is cut short: {size // 2} bytes, the checkpoint index needs '
+  prefix = (f'{path} is cut short: {size // 2} bytes, the checkpoint index '
+            'needs ')
   assert problem.startswith(prefix)
   assert size // 2 < int(problem[len(prefix):]) <= size
 

@@ -172,8 +172,8 @@ def test_an_untied_decoder_is_refused_and_a_tied_one_imports():
   overrides = dict(CONFIGS[0][1], tie_word_embeddings=False)
   untied = _randomize(transformers.BertForMaskedLM(_hf_config(overrides)))
   sd = untied.state_dict()
-  assert not np.array_equal(sd['cls.predictions.decoder.weight'].numpy(),
-                            sd['bert.embeddings.word_embeddings.weight'].numpy())
+  word = sd['bert.embeddings.word_embeddings.weight'].numpy()
+  assert not np.array_equal(sd['cls.predictions.decoder.weight'].numpy(), word)
   with pytest.raises(ValueError, match=r'untied MLM decoder .* drop the '
                      r'cls\.\* tensors'):
     _ours(untied, _hf_config(overrides), {})
