@@ -308,14 +308,15 @@ def data_settings(config) -> dict:
               source_fingerprint=sources.fingerprint(config.data.source))
 
 
-def resume(config, workdir: str, abstract_state):
+def resume(config, workdir: str, abstract_state, settings: dict):
   """(manager of WORKDIR's checkpoints, restore_latest's result for config).
 
-  The manager is closed if the restore raises.
+  `settings` are data_settings(config). The manager is closed if the
+  restore raises.
   """
   mngr = manager(workdir, config.keep_checkpoints, config.async_checkpointing)
   try:
-    return mngr, restore_latest(mngr, abstract_state, data_settings(config),
+    return mngr, restore_latest(mngr, abstract_state, settings,
                                 config.allow_fresh_start)
   except Exception:
     finish(mngr)

@@ -412,7 +412,8 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
       prepared.train_source, config.batch_size, config.seed,
       jax.process_index(), jax.process_count())
   data_settings = checkpoint.data_settings(config)
-  ckpt, restored = checkpoint.resume(config, workdir, abstract_state)
+  ckpt, restored = checkpoint.resume(config, workdir, abstract_state,
+                                     data_settings)
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
