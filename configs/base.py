@@ -15,12 +15,12 @@ def get_config(arg=None):
   c.seq_len = 128                 # tokens per packed row
 
   c.learning_rate = 1e-3          # peak learning rate
-  c.warmup_steps = 1_000          # linear warmup steps, then linear decay to 0
+  c.warmup_steps = 1_000          # linear warmup steps from 0, then linear decay to 0; 0 = none (step 1 at the peak)
   c.weight_decay = 0.01           # AdamW decay (not on LayerNorm or biases)
   c.adam_b1 = 0.9                 # AdamW beta1
   c.adam_b2 = 0.98                # AdamW beta2
   c.adam_eps = 1e-6               # AdamW epsilon
-  c.grad_clip_norm = 1.0          # global gradient-norm clip
+  c.grad_clip_norm = 1.0          # global gradient-norm clip; 0 = no clipping (as HF Trainer's max_grad_norm=0)
 
   c.log_every = 100               # steps between train metric reports
   c.eval_every = 1_000            # steps between evals (and at the end)
@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 3          # newest checkpoints kept on disk
   c.async_checkpointing = True    # write checkpoints in the background
   c.init_from = ''                # params-only checkpoint to start from when the workdir has none ('' = random init)
+  c.allow_fresh_start = False     # start at step 0 when every checkpoint of the workdir was set aside as damaged (checkpoints.corrupt/)
   c.nonfinite = 'stop'            # non-finite loss/gradient: 'stop' the run, or 'skip' the update (counted)
   c.keep_freed_host_memory = True  # CPU-only runs: glibc keeps freed memory, so XLA:CPU does not page-fault its buffers every step (host_memory.py)
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up by device kind (none on CPU)

@@ -5,12 +5,20 @@
 
 Runs `mlm_jax.main` once without interruption (WORKDIR/reference), then again
 in WORKDIR/chaos, killing it KILLS times with SIGKILL or SIGTERM (both kinds,
-in random order) at random moments and rerunning the same command each time,
-then once more to the end. A quarter of the kills land during start-up (or
-as training starts, if the start-up is over first); the others at a random
-moment of the training left, timed by the reference run's seconds per step. The verdict compares the two final checkpoints
-(parameters, optimizer state, step, RNG, data position) bit for bit, and the
-eval metrics at every eval step. Exit status 0 if identical, 1 if not.
+in random order) and rerunning the same command each time, then once more to
+the end. A quarter of the kills land during start-up (or as training starts,
+if the start-up is over first); the others while training, at a random
+moment after the run has committed a checkpoint newer than the one it
+started from, so that the kill costs it progress it must resume from.
+
+A kill counts only if the next run that got as far as restoring (read from
+its log) restored a newer checkpoint than the newest one when the killed run
+started: a kill that the next run starts over from the same place tests
+nothing about resuming. The
+verdict compares the two final checkpoints (parameters, optimizer state,
+step, RNG, data position) bit for bit, and the eval metrics at every eval
+step. Exit status 0 if identical, 1 if not, 2 (inconclusive) if fewer than
+--min_resumed kills counted.
 
 The `--config` and `--config.*` flags are passed to `mlm_jax.main` as given.
 """
@@ -41,6 +49,9 @@ _STARTUP = flags.DEFINE_float(
     'startup_seconds', 10.0, 'A start-up kill lands within this many seconds '
     'of the start.')
 _TIMEOUT = flags.DEFINE_float('timeout', 3600, 'Seconds allowed per run.')
+_MIN_RESUMED = flags.DEFINE_integer(
+    'min_resumed', 3, 'Kills after which the run resumed from a newer '
+    'checkpoint needed for a verdict.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -89,17 +100,49 @@ def _seconds_per_step(log_path: str) -> float:
   return max(t1 - t0, 0.0) / max(s1 - s0, 1)
 
 
-def _wait_for_line(log_path: str, offset: int, text: str, proc,
-                   deadline: float = float('inf')) -> bool:
-  """Waits until TEXT appears in the log after OFFSET (True), or the process
-  ends or the time.time() DEADLINE passes (False)."""
+def _wait_for(condition, proc, deadline: float = float('inf')) -> bool:
+  """Waits until condition() (True), or the process ends or the time.time()
+  DEADLINE passes (False)."""
   while proc.poll() is None and time.time() < deadline:
-    with open(log_path) as f:
-      f.seek(offset)
-      if text in f.read():
-        return True
+    if condition():
+      return True
     time.sleep(0.05)
   return False
+
+
+def _log_has(log_path: str, offset: int, text: str):
+  """A condition: TEXT appears in the log after OFFSET."""
+  def has() -> bool:
+    with open(log_path) as f:
+      f.seek(offset)
+      return text in f.read()
+  return has
+
+
+def _resumed_from(log_path: str, offset: int):
+  """The step a run (its log from OFFSET) restored: 0 for a fresh start,
+  None if it was killed before it got that far."""
+  with open(log_path) as f:
+    f.seek(offset)
+    log = f.read()
+  m = re.search(r'Restoring checkpoint at step (\d+)', log)
+  return int(m.group(1)) if m else (0 if 'Training steps' in log else None)
+
+
+def resumed_kills(kills: list[tuple[int, bool]], restored: list) -> int:
+  """How many kills were followed by a resume from a newer checkpoint.
+
+  `kills`: per killed run, (its newest checkpoint when it started, 0 if
+  none; whether the kill landed before the run finished). `restored`: per
+  run, the killed ones then the final one, the step it restored (0: fresh;
+  None: killed before restoring). Kill i counts if it landed and the next
+  run that got as far as restoring restored a newer step than `before`.
+  """
+  count = 0
+  for i, (before, landed) in enumerate(kills):
+    after = next(r for r in restored[i + 1:] if r is not None)
+    count += landed and after > before
+  return count
 
 
 def _newest_step(workdir: str):
@@ -154,30 +197,31 @@ def main(argv):
   log_path = os.path.join(root, 'chaos.log')
   kinds = ([signal.SIGKILL, signal.SIGTERM] * _KILLS.value)[:_KILLS.value]
   rng.shuffle(kinds)
-  landed = 0
+  landed, kills, restored = 0, [], []
+  checkpoint_every = _CONFIG.value.checkpoint_every
   for i, sig in enumerate(kinds, 1):
     before = _newest_step(chaos)
-    remaining = num_steps - (before or 0)
     with open(log_path, 'a') as log:
       log.write(f'\n=== start {i} ===\n')
       log.flush()
       offset = os.path.getsize(log_path)
       start = time.time()
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+      started = _log_has(log_path, offset, 'Training steps')
       # A quarter of the kills land during start-up (imports, data, restore),
-      # the rest at a random moment of the training that is left.
+      # the rest while training, after a new checkpoint.
       if rng.random() < 0.25:
         # At a random moment of the first --startup_seconds, or as training
         # starts if that comes first (a start-up can be quicker than that
         # window, e.g. with a warm compilation cache): it always lands.
         moment, wait = 'during start-up', 0.0
-        if _wait_for_line(log_path, offset, 'Training steps', proc,
-                          start + rng.uniform(0, _STARTUP.value)):
+        if _wait_for(started, proc, start + rng.uniform(0, _STARTUP.value)):
           moment = 'as training started'
       else:
-        _wait_for_line(log_path, offset, 'Training steps', proc)
-        moment = 'while training'
-        wait = rng.uniform(0, 0.9 * remaining * per_step)
+        _wait_for(lambda: (_newest_step(chaos) or 0) > (before or 0), proc)
+        moment = 'after a new checkpoint'
+        left = num_steps - (_newest_step(chaos) or 0)
+        wait = rng.uniform(0, 0.9 * min(left, checkpoint_every) * per_step)
       try:
         rc = proc.wait(timeout=wait)
         what = f'finished by itself (exit {rc}) before the {sig.name}'
@@ -187,14 +231,24 @@ def main(argv):
         landed += 1
         what = (f'{sig.name} {moment}, {time.time() - start:.1f} s after the '
                 f'start, exit {rc}')
-    print(f'Kill {i}/{len(kinds)}: {what}; newest checkpoint: step {before} '
-          f'-> {_newest_step(chaos)}.', flush=True)
+    kills.append((before or 0, what.startswith(sig.name)))
+    restored.append(_resumed_from(log_path, offset))
+    start_of_run = ('it was killed before restoring' if restored[-1] is None
+                    else f'it had restored step {restored[-1]}')
+    print(f'Kill {i}/{len(kinds)}: {what}; {start_of_run}; newest '
+          f'checkpoint: step {before} -> {_newest_step(chaos)}.', flush=True)
     if sig == signal.SIGTERM and rc not in (0, -signal.SIGTERM):
       raise RuntimeError(f'The run exited {rc} after SIGTERM; see {log_path}.')
 
+  offset = os.path.getsize(log_path)
   seconds = _run_to_end(cmd, log_path)
-  print(f'Final resume: finished in {seconds:.1f} s at step '
-        f'{_newest_step(chaos)}.', flush=True)
+  restored.append(_resumed_from(log_path, offset))
+  print(f'Final resume: from step {restored[-1]}, finished in {seconds:.1f} s '
+        f'at step {_newest_step(chaos)}.', flush=True)
+  resumed = resumed_kills(kills, restored)
+  print(f'{resumed} of {len(kinds)} kills were followed by a resume from a '
+        'newer checkpoint than the killed run had when it started.',
+        flush=True)
 
   ref_step, ref_state, ref_data = checkpoint.read_latest(reference)
   got_step, got_state, got_data = checkpoint.read_latest(chaos)
@@ -208,13 +262,17 @@ def main(argv):
   if ref_evals != got_evals:
     problems.append(f'eval metrics differ: {ref_evals} vs {got_evals}')
   leaves = len(jax.tree.leaves(ref_state))
-  if landed < len(kinds):
-    problems.append(f'only {landed} of {len(kinds)} kills landed before the '
-                    'run finished; the check is incomplete')
   if problems:
     print('Verdict: DIFFERENT\n  ' + '\n  '.join(problems), flush=True)
     sys.exit(1)
-  print(f'Verdict: IDENTICAL. After {landed} kills, the final checkpoint '
+  if resumed < _MIN_RESUMED.value:
+    print(f'Verdict: INCONCLUSIVE. The runs agree, but only {resumed} kills '
+          f'({landed} landed) were followed by a resume from a newer '
+          f'checkpoint; {_MIN_RESUMED.value} are needed. Raise num_steps or '
+          'lower checkpoint_every.', flush=True)
+    sys.exit(2)
+  print(f'Verdict: IDENTICAL. After {landed} kills, {resumed} of them resumed '
+        f'from a newer checkpoint, the final checkpoint '
         f'(step {got_step}, {leaves} arrays: parameters, optimizer state, '
         f'RNG; data position {got_data}) is bit-identical to the '
         f'uninterrupted run, and so are the eval metrics at steps '

@@ -7,16 +7,29 @@ the training loop at the next `check`, `save` or `finish`.
 
 Orbax writes each step under a temporary name and renames it when complete,
 so a run killed mid-save leaves no checkpoint that `restore_latest` would
-choose. A complete checkpoint that cannot be read (a truncated or missing
-file) is moved aside to `checkpoints.corrupt/` with a warning, never deleted,
-and the previous one is restored instead. A checkpoint of a different model
-(other shapes or parameter names) is an error that names the differences and
-leaves the checkpoint untouched.
+choose. A complete checkpoint is restored only after its files are checked
+against its own index (`verify`: every file the OCDBT manifest and B-tree
+nodes name exists, at least as long as the byte ranges they point to, and the
+JSON metadata parses). A checkpoint with evidence of damage (that check, or a
+read that fails with tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE) is
+moved to `checkpoints.corrupt/` with one warning, never deleted, and the
+previous one is tried. Any other error (storage unavailable, out of memory,
+a sharding the mesh cannot take) stops the run and moves nothing: a
+transient failure must not walk back through a run's checkpoints. Checking
+first also keeps Orbax from starting reads of a damaged file: its restore
+gathers one task per array shard and, when one fails, closes its event loop
+with the others still pending, each of which then prints a traceback.
+
+A checkpoint of a different model (other shapes or parameter names), or one
+saved with another batch size, seed, sequence length or data source (whose
+data position would then skip or repeat rows), is an error that names the
+differences and leaves the checkpoint untouched.
 
 Params-only checkpoints (`save_params`/`restore_params`) carry weights
 between runs, e.g. from a converted Hugging Face model (`init_from`).
 """
 import contextlib
+import json
 import logging as std_logging
 import os
 import shutil
@@ -27,12 +40,29 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from mlm_jax.data import sources
 
 CORRUPT_DIR = 'checkpoints.corrupt'
+# tensorstore status codes (the prefix of its error messages) that mean the
+# bytes on disk are damaged or gone, not that reading them failed.
+_DAMAGE_CODES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE')
+# Saved beside the data position: a position counts batches of this size,
+# in this order, of these rows.
+DATA_SETTINGS = ('batch_size', 'seed', 'seq_len', 'source_fingerprint')
 
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint whose tree or shapes differ from the model being trained."""
+
+
+class ResumeSettingsError(ValueError):
+  """A checkpoint saved with other data settings than the run's."""
+
+
+class RestoreError(RuntimeError):
+  """A checkpoint that could not be restored, or none where there should be."""
 
 
 def _not_orbax_info(record) -> bool:
@@ -57,10 +87,16 @@ def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
                      'data': ocp.JsonCheckpointHandler()})
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict):
-  """Starts saving `state` at `step`; raises an earlier save's error first."""
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator_state: dict,
+         settings: dict):
+  """Starts saving `state` at `step`; raises an earlier save's error first.
+
+  `settings` ({DATA_SETTINGS: value}) are saved beside the data iterator's
+  state, so a resume can check that the position still means the same rows.
+  """
+  data = {'iterator': iterator_state, 'settings': settings}
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
             force=True)
 
 
@@ -110,58 +146,259 @@ def _differences(saved_tree, abstract_tree, limit: int = 8) -> list[str]:
   return lines
 
 
-def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
-  """Moves an unreadable step out of the manager's sight; returns where to."""
+def _damage_in(error):
+  """The evidence of damaged files in `error` or what it was raised from.
+
+  Orbax wraps tensorstore's errors (`raise Exception(...) from e`), so the
+  chain is searched. None when nothing in it says the data is damaged.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (json.JSONDecodeError, FileNotFoundError)):
+      return f'{type(error).__name__}: {error}'
+    if str(error).split(':', 1)[0] in _DAMAGE_CODES:
+      return str(error)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _location_file(state_dir: str, location: str):
+  """(path, bytes needed) of an OCDBT location kind:base:file:offset:length."""
+  rest, offset, length = location.rsplit(':', 2)
+  _, base, name = rest.split(':', 2)
+  return os.path.join(state_dir, base, name), int(offset) + int(length)
+
+
+def _file_problem(path: str, needed: int):
+  if not os.path.exists(path):
+    return f'{path} is missing'
+  size = os.path.getsize(path)
+  if size < needed:
+    return (f'{path} is cut short: {size} bytes, the checkpoint index needs '
+            f'{needed}')
+  return None
+
+
+def _ocdbt_problems(state_dir: str) -> list[str]:
+  """Files the OCDBT database in STATE_DIR names but lacks or has cut short.
+
+  Reads only the manifest and B-tree nodes (each after checking its own
+  file), never the arrays: cheap next to the restore it guards.
+  """
+  kv = ts.KvStore.open('file://' + os.path.abspath(state_dir) + '/').result()
+  try:
+    manifest = ts.ocdbt.dump(kv).result()
+  except ValueError as e:
+    if _damage_in(e):
+      return [f'{os.path.join(state_dir, "manifest.ocdbt")}: {e}']
+    raise
+  nodes = [v['root']['location'] for v in manifest['versions'][-1:]
+           if 'location' in v['root']]
+  problems, values = [], {}
+  while nodes:
+    location = nodes.pop()
+    problem = _file_problem(*_location_file(state_dir, location))
+    if problem:
+      problems.append(problem)
+      continue
+    for entry in ts.ocdbt.dump(kv, location).result()['entries']:
+      for field in entry.values():
+        if isinstance(field, str) and field.startswith('btreenode:'):
+          nodes.append(field)
+        elif isinstance(field, str) and field.startswith('value:'):
+          path, needed = _location_file(state_dir, field)
+          values[path] = max(values.get(path, 0), needed)
+  problems += [p for p in (_file_problem(path, needed) for path, needed in
+                           sorted(values.items())) if p]
+  return problems
+
+
+def verify(step_dir: str) -> list[str]:
+  """Evidence that the checkpoint in STEP_DIR is damaged; [] if none.
+
+  Checks that the JSON metadata of both items parses and that every file
+  the state's OCDBT index names exists and is long enough. Raises (rather
+  than reporting damage) when reading fails for another reason.
+  """
+  problems = []
+  for item, name in (('state', '_METADATA'), ('data', 'metadata')):
+    path = os.path.join(step_dir, item, name)
+    try:
+      with open(path, 'rb') as f:
+        json.loads(f.read())
+    except FileNotFoundError:
+      problems.append(f'{path} is missing')
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      problems.append(f'{path} is not valid JSON ({e})')
+  state_dir = os.path.join(step_dir, 'state')
+  if not os.path.exists(os.path.join(state_dir, 'manifest.ocdbt')):
+    problems.append(f'{os.path.join(state_dir, "manifest.ocdbt")} is missing')
+  else:
+    problems += _ocdbt_problems(state_dir)
+  return problems
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, problems: list[str],
+               limit: int = 8) -> str:
+  """Moves a damaged step out of the manager's sight, with one warning."""
   src = os.path.join(str(mngr.directory), str(step))
   dst_root = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
-  dst = os.path.join(dst_root, f'{step}-{int(time.time())}')
+  stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+  dst = os.path.join(dst_root, f'{step}-{stamp}')
   if jax.process_index() == 0:
     os.makedirs(dst_root, exist_ok=True)
     shutil.move(src, dst)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
   mngr.reload()
+  if len(problems) > limit:
+    problems = problems[:limit] + [f'and {len(problems) - limit} more']
+  logging.warning(
+      'Checkpoint %d (%s) is damaged: %s. Moved it to %s (kept, not deleted); '
+      'trying the previous checkpoint.', step, src,
+      '; '.join(' '.join(p.split()) for p in problems), dst)
   return dst
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(state, data_state) of the newest readable checkpoint, or None.
+def _check_settings(step: int, mngr, saved: dict, settings: dict):
+  """Raises ResumeSettingsError naming each data setting that changed."""
+  changed = [k for k in DATA_SETTINGS if saved.get(k) != settings.get(k)]
+  if not changed:
+    return
+  lines = []
+  for k in changed:
+    key = 'data.source' if k == 'source_fingerprint' else k
+    if k == 'source_fingerprint':
+      lines.append(
+          f'the data source: saved {saved.get("source")!r} with fingerprint '
+          f'{saved.get(k)}, now {settings.get("source")!r} with fingerprint '
+          f'{settings.get(k)} (the fingerprint covers the files\' paths, '
+          'sizes and modification times); set --config.data.source to the '
+          'data the run was saved with')
+    else:
+      lines.append(f'{key}: saved {saved.get(k)!r}, now {settings.get(k)!r}; '
+                   f'set --config.{key}={saved.get(k)}')
+  raise ResumeSettingsError(
+      f'The checkpoint at step {step} in {mngr.directory} was saved with other '
+      'data settings. Its data position counts batches of the saved size, in '
+      'the saved order, of the saved rows, so resuming would skip or repeat '
+      'rows:\n  ' + '\n  '.join(lines) + '\nOr use a new --workdir to start a '
+      'run with the new settings. The checkpoint was left untouched.')
+
+
+def _iterator_state(step: int, mngr, data: dict, settings: dict) -> dict:
+  """The data iterator's state of a checkpoint, its settings checked."""
+  if 'iterator' not in data:
+    # Saved before the settings were: the whole item is the iterator state.
+    logging.warning(
+        'Checkpoint %d predates the record of data settings, so batch_size, '
+        'seed, seq_len and the data source are not checked against it: it '
+        'resumes at its data position, which is right only if they are those '
+        'the run was saved with. The next checkpoint records them.', step)
+    return data
+  _check_settings(step, mngr, data['settings'], settings)
+  return data['iterator']
+
+
+def data_settings(config) -> dict:
+  """The DATA_SETTINGS of a run config, and its data source (for messages)."""
+  return dict(batch_size=config.batch_size, seed=config.seed,
+              seq_len=config.seq_len, source=config.data.source,
+              source_fingerprint=sources.fingerprint(config.data.source))
+
+
+def resume(config, workdir: str, abstract_state, settings: dict):
+  """(manager of WORKDIR's checkpoints, restore_latest's result for config).
+
+  `settings` are data_settings(config). The manager is closed if the
+  restore raises.
+  """
+  mngr = manager(workdir, config.keep_checkpoints, config.async_checkpointing)
+  try:
+    return mngr, restore_latest(mngr, abstract_state, settings,
+                                config.allow_fresh_start)
+  except Exception:
+    finish(mngr)
+    raise
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
+                   settings: dict, allow_fresh_start: bool = False):
+  """(state, data iterator state) of the newest sound checkpoint, or None.
 
   `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings: the
-  state is read straight into that layout. Raises IncompatibleCheckpointError
-  if the newest checkpoint was made by a different model.
+  state is read straight into that layout. `settings` are the run's
+  DATA_SETTINGS (plus 'source', for messages). Damaged checkpoints are set
+  aside (newest first); None only if there is no checkpoint left and, where
+  some were set aside (now or before), `allow_fresh_start`.
+
+  Raises IncompatibleCheckpointError if the newest sound checkpoint was made
+  by a different model, ResumeSettingsError if with other data settings, and
+  RestoreError if it could not be restored for a reason other than damage,
+  or if a fresh start would replace set-aside progress without the flag.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
+    step_dir = os.path.join(str(mngr.directory), str(step))
     try:
-      saved_tree = _tree_of(mngr.item_metadata(step)['state'])
+      problems = verify(step_dir)
+      if not problems:
+        return _restore(mngr, step, abstract_state, settings)
+    except (IncompatibleCheckpointError, ResumeSettingsError):
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint %d is unreadable (%s: %s).', step,
-                      type(e).__name__, str(e)[:300])
-    else:
-      # Parameters first: the optimizer state mirrors them.
-      differences = (_differences(saved_tree.get('params', {}),
-                                  abstract_state.params) or
-                     _differences(saved_tree, abstract_state))
-      if differences:
-        raise IncompatibleCheckpointError(
-            f'The checkpoint at step {step} in {mngr.directory} was made by '
-            'a different model:\n  ' + '\n  '.join(differences) +
-            '\nUse a new --workdir for this model, or the config that made '
-            'the checkpoint. The checkpoint was left untouched.')
-      logging.info('Restoring checkpoint at step %d from %s', step,
-                   mngr.directory)
-      try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-        return restored['state'], restored['data']
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint %d could not be restored (%s: %s).', step,
-                        type(e).__name__, str(e)[:300])
-    where = _quarantine(mngr, step)
-    logging.warning('Moved the unreadable checkpoint %d to %s (kept for '
-                    'inspection) and trying the previous one.', step, where)
+      damage = _damage_in(e)
+      if damage is None:
+        raise RestoreError(
+            f'Checkpoint {step} ({step_dir}) could not be restored: '
+            f'{type(e).__name__}: {e}\nNothing shows that its files are '
+            'damaged (they are checked against its own index first), so this '
+            'looks like a failure of this run or machine, not of the checkpoint '
+            '(storage unavailable, host memory exhausted, a mesh '
+            'its arrays cannot be laid out on, ...). Nothing was moved: fix '
+            'the cause and run the same command again. If the checkpoint is '
+            f'damaged all the same, move {step_dir} out of {mngr.directory} '
+            'and rerun to resume from the one before.') from e
+      problems = [damage]
+    _set_aside(mngr, step, problems)
+  corrupt_dir = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
+  earlier = (sorted(os.listdir(corrupt_dir)) if os.path.isdir(corrupt_dir)
+             else [])
+  if earlier and not allow_fresh_start:
+    raise RestoreError(
+        f'No checkpoint in {mngr.directory} is left to resume from: '
+        f'{len(earlier)} damaged one(s) are set aside in {corrupt_dir} '
+        f'({", ".join(earlier)}). Starting again from step 0 would redo that '
+        'progress; to do so, add --config.allow_fresh_start=True (the '
+        'set-aside checkpoints and the metrics stay on disk).')
+  if earlier:
+    logging.warning('Starting from step 0 (allow_fresh_start): the damaged '
+                    'checkpoints in %s stay there.', corrupt_dir)
   return None
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state,
+             settings: dict):
+  """(state, iterator state) of a verified checkpoint, after the checks."""
+  saved_tree = _tree_of(mngr.item_metadata(step)['state'])
+  # Parameters first: the optimizer state mirrors them.
+  differences = (_differences(saved_tree.get('params', {}),
+                              abstract_state.params) or
+                 _differences(saved_tree, abstract_state))
+  if differences:
+    raise IncompatibleCheckpointError(
+        f'The checkpoint at step {step} in {mngr.directory} was made by '
+        'a different model:\n  ' + '\n  '.join(differences) +
+        '\nUse a new --workdir for this model, or the config that made '
+        'the checkpoint. The checkpoint was left untouched.')
+  # The small data item first: a changed setting fails before the big read.
+  data = mngr.restore(step, args=ocp.args.Composite(
+      data=ocp.args.JsonRestore()))['data']
+  iterator_state = _iterator_state(step, mngr, data, settings)
+  logging.info('Restoring checkpoint at step %d from %s', step, mngr.directory)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))
+  return restored['state'], iterator_state
 
 
 def finish(mngr: ocp.CheckpointManager):

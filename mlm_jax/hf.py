@@ -258,6 +258,7 @@ def from_hf_state_dict(cfg: model_lib.ModelConfig, state_dict: Mapping,
       for i, layer in enumerate(layers):
         new[f'encoder/blocks/{i}/{ours}'] = layer[ours]
   if has_head:
+    _check_tied(state_dict, word)
     for ours, (theirs, transpose) in _HEAD.items():
       value = np.asarray(state_dict[theirs], np.float32)
       new['mlm_head/' + ours] = value.T if transpose else value
@@ -265,6 +266,32 @@ def from_hf_state_dict(cfg: model_lib.ModelConfig, state_dict: Mapping,
     bias[:cfg.vocab_size] = new['mlm_head/bias']
     new['mlm_head/bias'] = bias
   return _replace(init_params, flat, new), has_head
+
+
+def _check_tied(state_dict: Mapping, word_VxD: np.ndarray) -> None:
+  """Refuses an MLM head whose decoder is not the word embeddings.
+
+  Our decoder is tied to the word embeddings (model.MLMHead), so an untied
+  one cannot be held; importing it tied would silently change the model.
+  A tied checkpoint may lack the decoder weight (safetensors stores a tied
+  tensor once); that is fine.
+  """
+  name = 'cls.predictions.decoder.weight'
+  if name not in state_dict:
+    return
+  decoder_VxD = np.asarray(state_dict[name], np.float32)
+  same_shape = decoder_VxD.shape == word_VxD.shape
+  if same_shape and np.array_equal(decoder_VxD, word_VxD):
+    return
+  detail = (f'max abs difference {np.abs(decoder_VxD - word_VxD).max():.3g}'
+            if same_shape else f'shape {decoder_VxD.shape} vs {word_VxD.shape}')
+  raise ValueError(
+      f'{name} differs from bert.embeddings.word_embeddings.weight ({detail}): '
+      'the checkpoint has an untied MLM decoder (tie_word_embeddings=False), '
+      'and our model ties the decoder to the word embeddings, so it cannot '
+      'import it as it is. To keep the encoder only, drop the cls.* tensors '
+      '(load it as a transformers BertModel and save that): the MLM head is '
+      'then initialised at random.')
 
 
 def _replace(template, flat, new: dict[str, np.ndarray]):

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,32 +142,47 @@ def summarize(sums: dict, prefix: str) -> dict:
 
 
 def _keep_records_up_to(path: str, step: int):
-  """Drops records after `step` (and a line cut short by a crash) from PATH.
+  """Moves records after `step` (and lines cut short) out of PATH, to a file
+  beside it, PATH.replaced-<UTC time>; nothing is deleted.
 
   A run resumed from the checkpoint at `step` recomputes the later steps
-  exactly, so their old records would only be duplicates.
+  (exactly, on the same devices), so their old records would be duplicates
+  in PATH; they stay on disk for a comparison or a post-mortem.
   """
   if not os.path.exists(path):
     return
-  kept = []
+  kept, moved = [], []
   with open(path) as f:
     for line in f:
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
-        continue
-      if record['step'] <= step:
+        record = None
+      if isinstance(record, dict) and record.get('step', step + 1) <= step:
         kept.append(line)
+      else:
+        moved.append(line if line.endswith('\n') else line + '\n')
+  if not moved:
+    return
+  stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+  replaced = f'{path}.replaced-{stamp}'
+  with open(replaced, 'a') as f:  # 'a': two resumes in one second
+    f.writelines(moved)
+    f.flush()
+    os.fsync(f.fileno())
   with open(path + '.tmp', 'w') as f:
     f.writelines(kept)
   os.replace(path + '.tmp', path)
+  logging.warning('Moved %d metrics record(s) after step %d from %s to %s '
+                  '(the resumed run writes those steps again).', len(moved),
+                  step, path, replaced)
 
 
 class Writer:
   """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only).
 
   `start_step` is the step the run resumes from: records after it, written
-  before a crash, are dropped.
+  before a crash, are moved to a dated file beside metrics.jsonl.
   """
 
   def __init__(self, workdir: str, start_step: int = 0):
@@ -177,6 +193,11 @@ class Writer:
       _keep_records_up_to(path, start_step)
       self._jsonl = open(path, 'a')
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def sync(self):
+    """Puts the records written so far on disk (before a checkpoint commits)."""
+    if self.active:
+      os.fsync(self._jsonl.fileno())
 
   def write(self, step: int, scalars: dict):
     if not self.active:

@@ -6,8 +6,15 @@ import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then linear decay to 0 at `num_steps`."""
-  warmup = max(int(config.warmup_steps), 1)
+  """Linear warmup to `learning_rate`, then linear decay to 0 at `num_steps`.
+
+  The update of step s (optax count s - 1) has rate lr * (s - 1) / warmup
+  during the warmup, so step 1 has 0; warmup_steps=0 starts at the peak.
+  """
+  if config.warmup_steps <= 0:
+    return optax.linear_schedule(config.learning_rate, 0.0,
+                                 max(config.num_steps, 1))
+  warmup = int(config.warmup_steps)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, config.learning_rate, warmup),
        optax.linear_schedule(config.learning_rate, 0.0,
@@ -52,8 +59,17 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 
 def create(config) -> optax.GradientTransformationExtraArgs:
+  """The chain of `config`; grad_clip_norm=0 leaves gradients unclipped.
+
+  Without clipping the chain keeps its shape (optax.identity has the clip's
+  empty state), so a checkpoint loads whatever the clip setting.
+  """
+  if config.grad_clip_norm < 0:
+    raise ValueError(f'grad_clip_norm={config.grad_clip_norm} must be >= 0 '
+                     '(0 = no clipping).')
   return optax.chain(
-      clip_by_global_norm(config.grad_clip_norm),
+      (clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm
+       else optax.identity()),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1,
                   b2=config.adam_b2, eps=config.adam_eps,
                   weight_decay=config.weight_decay, mask=decay_mask),

@@ -265,6 +265,7 @@ def validate_config(config):
     if config[key] <= 0:
       raise ValueError(f'{key}={config[key]} must be positive.')
   model.model_config(config, vocab_size=1)  # size preset and head count
+  optimizer.create(config)  # grad_clip_norm
 
 
 def most_frequent_token(source, special_ids, max_rows: int = 4096) -> int:
@@ -285,6 +286,8 @@ def init_state(mcfg, config, tx, mesh):
 
 def abstract_init(mcfg, config, tx, mesh):
   """(init function, graphdef, abstract state, state shardings); no memory.
+
+  The abstract state's leaves are ShapeDtypeStructs with their shardings.
 
   Parameters and the optimizer's per-parameter state (Adam's moments) share
   one sharding from the rules table, so FSDP shards both; counters and the
@@ -310,6 +313,9 @@ def abstract_init(mcfg, config, tx, mesh):
       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   state_sharding = TrainState(step=replicated, params=params_sharding,
                               opt_state=opt_sharding, rng=replicated)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_sharding)
   return init, graphdef, abstract_state, state_sharding
 
 
@@ -393,8 +399,11 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   logging.info('Most frequent training token: %r (id %d), the eval baseline.',
                tokenizer.id_to_piece(baseline_id), baseline_id)
 
-  graphdef, state, state_sharding = init_state(mcfg, config, tx, mesh)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  # Abstract first: a checkpoint is read straight into the sharded layout,
+  # and the state is built (compiled) only when there is none.
+  init, graphdef, abstract_state, state_sharding = abstract_init(
+      mcfg, config, tx, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info('Model %s: %.2fM parameters.', mcfg, num_params / 1e6)
   logging.info('Mesh %s, %s, %d micro-batch(es) per step.', dict(mesh.shape),
                config.parallelism, config.grad_accum_steps)
@@ -402,23 +411,18 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   train_iter = pipeline.train_iterator(
       prepared.train_source, config.batch_size, config.seed,
       jax.process_index(), jax.process_count())
-  ckpt = checkpoint.manager(workdir, config.keep_checkpoints,
-                            config.async_checkpointing)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, state_sharding)
-  try:
-    restored = checkpoint.restore_latest(ckpt, abstract_state)
-  except Exception:
-    checkpoint.finish(ckpt)
-    raise
+  data_settings = checkpoint.data_settings(config)
+  ckpt, restored = checkpoint.resume(config, workdir, abstract_state,
+                                     data_settings)
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
-  elif config.init_from:
-    state = state.replace(params=checkpoint.restore_params(
-        config.init_from, abstract_state.params))
-    logging.info('Initialised the parameters from %s.', config.init_from)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)()
+    if config.init_from:
+      state = state.replace(params=checkpoint.restore_params(
+          config.init_from, abstract_state.params))
+      logging.info('Initialised the parameters from %s.', config.init_from)
   _write_config(config, workdir)
   start_step = int(state.step)
   if start_step >= config.num_steps:
@@ -519,9 +523,13 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
                  _format_eta(per_step * (last_step - step)))
 
   def save(step):
-    nonlocal last_saved
+    nonlocal last_saved, pending
+    if pending is not None:  # every record up to a checkpoint is on disk first
+      report(*pending)
+      pending = None
+    writer.sync()
     check_numerics()  # never save after a non-finite step under 'stop'
-    checkpoint.save(ckpt, step, state, train_iter.get_state())
+    checkpoint.save(ckpt, step, state, train_iter.get_state(), data_settings)
     last_saved = step
 
   last_step = config.num_steps

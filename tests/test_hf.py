@@ -176,3 +176,26 @@ def test_import_refuses_other_architectures():
   with pytest.raises(ValueError, match='position_embedding_type'):
     hf.model_config_from_hf(dict(_hf_config(CONFIGS[0][1]).to_dict(),
                                  position_embedding_type='relative_key'))
+
+
+def test_an_untied_decoder_is_refused_and_a_tied_one_imports():
+  overrides = dict(CONFIGS[0][1], tie_word_embeddings=False)
+  untied = _randomize(transformers.BertForMaskedLM(_hf_config(overrides)))
+  sd = untied.state_dict()
+  word = sd['bert.embeddings.word_embeddings.weight'].numpy()
+  assert not np.array_equal(sd['cls.predictions.decoder.weight'].numpy(), word)
+  with pytest.raises(ValueError, match=r'untied MLM decoder .* drop the '
+                     r'cls\.\* tensors'):
+    _ours(untied, _hf_config(overrides), {})
+  tied = _randomize(transformers.BertForMaskedLM(_hf_config(CONFIGS[0][1])))
+  state_dict = {k: v.numpy() for k, v in tied.state_dict().items()}
+  assert np.array_equal(state_dict['cls.predictions.decoder.weight'],
+                        state_dict['bert.embeddings.word_embeddings.weight'])
+  cfg = hf.model_config_from_hf(_hf_config(CONFIGS[0][1]).to_dict())
+  init = nnx.split(model.create(cfg, jax.random.key(1)), nnx.Param)[1]
+  hf.from_hf_state_dict(cfg, state_dict, init)
+  # As safetensors stores it: the tied decoder weight once, under the
+  # embeddings' name.
+  del state_dict['cls.predictions.decoder.weight']
+  _, has_head = hf.from_hf_state_dict(cfg, state_dict, init)
+  assert has_head

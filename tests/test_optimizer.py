@@ -90,3 +90,45 @@ def test_update_if_applies_a_finite_step_and_keeps_the_state_otherwise():
   for a, b in zip(jax.tree.leaves((params, opt_state)),
                   jax.tree.leaves((kept, kept_state))):
     np.testing.assert_array_equal(b, a)
+
+
+def test_grad_clip_norm_0_means_no_clipping():
+  config = base.get_config()
+  config.grad_clip_norm = 0.0
+  params = jax.tree.map(jnp.ones_like, _grads(1.0))
+  grads = _grads(1e3)  # a norm far above any clip
+  tx = optimizer.create(config)
+  unclipped = optax.adamw(optimizer.learning_rate_schedule(config),
+                          b1=config.adam_b1, b2=config.adam_b2,
+                          eps=config.adam_eps,
+                          weight_decay=config.weight_decay,
+                          mask=optimizer.decay_mask)
+  state, ref_state = tx.init(params), unclipped.init(params)
+  # Same state structure as with a clip: a checkpoint loads either way.
+  assert (jax.tree.structure(state) ==
+          jax.tree.structure(optimizer.create(base.get_config()).init(params)))
+  for _ in range(2):  # the first update has learning rate 0
+    updates, state = tx.update(grads, state, params,
+                               grad_norm=optax.global_norm(grads))
+    want, ref_state = unclipped.update(grads, ref_state, params)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(updates)):
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+  mu = optax.tree_utils.tree_get(state, 'mu')
+  np.testing.assert_allclose(mu['w'], 0.19 * grads['w'], rtol=1e-5)
+  config.grad_clip_norm = -1.0
+  with pytest.raises(ValueError, match=r'grad_clip_norm=-1.0 must be >= 0 '
+                     r'\(0 = no clipping\)'):
+    optimizer.create(config)
+
+
+def test_warmup_steps_0_starts_at_the_peak_learning_rate():
+  config = base.get_config()
+  config.learning_rate, config.num_steps = 1.0, 10
+  config.warmup_steps = 0
+  rates = [float(optimizer.learning_rate_schedule(config)(i))
+           for i in range(11)]
+  np.testing.assert_allclose(rates, np.linspace(1.0, 0.0, 11), atol=1e-6)
+  config.warmup_steps = 2  # the first update still has rate 0 with warmup
+  rates = [float(optimizer.learning_rate_schedule(config)(i))
+           for i in range(4)]
+  np.testing.assert_allclose(rates, [0.0, 0.5, 1.0, 0.875], atol=1e-6)

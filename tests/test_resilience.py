@@ -10,6 +10,9 @@ import jax
 import numpy as np
 import pytest
 
+import orbax.checkpoint as ocp
+
+from mlm_jax import chaos
 from mlm_jax import checkpoint
 from mlm_jax import train
 import tiny
@@ -68,6 +71,25 @@ def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
   assert any('SIGKILL' in k for k in kills) and any('SIGTERM' in k
                                                    for k in kills)
   assert 'Verdict: IDENTICAL' in out.stdout, out.stdout
+  (counted,) = [line for line in out.stdout.splitlines()
+                if 'kills were followed by a resume' in line]
+  assert int(counted.split(' of ')[0]) >= 3, out.stdout
+
+
+def test_the_chaos_check_counts_only_kills_that_a_newer_resume_followed():
+  landed = lambda befores: [(b, True) for b in befores]
+  # The README's old transcript: a kill before any checkpoint, a SIGTERM
+  # that saved step 11, then three kills that the next run resumed from
+  # step 11 again. One kill tested resuming; the check required 3.
+  assert chaos.resumed_kills(landed([0, 0, 11, 11, 11]),
+                             [0, 0, 11, 11, 11, 11]) == 1
+  # Kill 3 lands during start-up, before its run restores (None): kill 2
+  # counts by the run after it, kill 3 not (that run restored step 101,
+  # the newest when the killed run started).
+  assert chaos.resumed_kills(landed([0, 30, 101, 101, 120]),
+                             [0, 30, None, 101, 120, 179]) == 4
+  # A run that finished by itself before its kill is no kill.
+  assert chaos.resumed_kills([(0, True), (30, False)], [0, 30, 300]) == 1
 
 
 def _corrupt(step_dir, how):
@@ -139,8 +161,8 @@ def test_nonfinite_skip_counts_the_steps_and_keeps_the_state_finite(
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
-def test_a_resumed_run_drops_metrics_written_after_its_checkpoint(data_dir,
-                                                                  tmp_path):
+def test_a_resumed_run_moves_metrics_written_after_its_checkpoint_aside(
+    data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny.config(data_dir, eval_every=100), workdir)
   # As if killed at step 8 before its checkpoint (and mid-line).
@@ -148,7 +170,113 @@ def test_a_resumed_run_drops_metrics_written_after_its_checkpoint(data_dir,
   os.rename(checkpoint_8, checkpoint_8 + '.orbax-checkpoint-tmp-1')
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.write('{"step": 9, "train/lo')
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = f.read().splitlines()
   train.train_and_evaluate(tiny.config(data_dir, eval_every=100), workdir)
   steps = [r['step'] for r in tiny.read_metrics(workdir)
            if 'train/loss' in r]
+  assert steps == [2, 4, 6, 8]
+  # Nothing deleted: the records after step 4 (6, 8 and the cut line) are
+  # in a dated file beside metrics.jsonl, as they were.
+  (replaced,) = glob.glob(os.path.join(workdir, 'metrics.jsonl.replaced-*'))
+  with open(replaced) as f:
+    moved = f.read().splitlines()
+  assert moved == [line for line in lines
+                   if not line.startswith(('{"step": 2,', '{"step": 4,'))]
+  assert moved[0].startswith('{"step": 6, ')
+  assert moved[-1] == '{"step": 9, "train/lo'
+
+
+def test_a_failed_restore_stops_the_run_and_moves_nothing(data_dir, tmp_path,
+                                                          monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = tiny.config(data_dir, eval_every=100)
+  train.train_and_evaluate(config, workdir)
+  before = tiny.snapshot(workdir)
+
+  def out_of_memory(self, step, *args, **kwargs):
+    raise MemoryError('host memory exhausted while restoring')
+
+  # Every restore fails as a machine out of memory would: nothing may be set
+  # aside, and the run must not start again from step 0.
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', out_of_memory)
+  with pytest.raises(RuntimeError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert 'Checkpoint 8' in message and 'MemoryError: host memory' in message
+  assert 'Nothing was moved' in message
+  assert tiny.snapshot(workdir) == before
+
+
+def _main(workdir, data_dir, prelude='', **overrides):
+  """Runs `python -m mlm_jax.main` on the tiny config (after PRELUDE code)."""
+  argv = ['main', '--config=configs/cpu.py', f'--workdir={workdir}',
+          *tiny.flags(data_dir, **overrides)]
+  code = (f'import sys\n{prelude}\nfrom absl import app\n'
+          f'from mlm_jax import main\nsys.argv = {argv!r}\napp.run(main.main)')
+  return subprocess.run([sys.executable, '-c', code], cwd=tiny.ROOT,
+                        env=tiny.subprocess_env(), capture_output=True,
+                        text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_costs_one_log_line_and_no_traceback(
+    data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  out = _main(workdir, data_dir, eval_every=100)
+  assert out.returncode == 0, out.stderr[-3000:]
+  clean = _main(str(tmp_path / 'clean'), data_dir, eval_every=100)
+  step_dir = os.path.join(workdir, 'checkpoints', '8')
+  largest = max(glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_*',
+                                       'd', '*')), key=os.path.getsize)
+  size = os.path.getsize(largest)
+  os.truncate(largest, size // 2)
+
+  out = _main(workdir, data_dir, eval_every=100)
+  assert out.returncode == 0, out.stderr[-3000:]
+  log = out.stderr.splitlines()
+  for noise in ('Traceback', 'Exception ignored', 'Event loop is closed'):
+    assert not any(noise in line for line in log), out.stderr[-3000:]
+  about = [line for line in log if 'heckpoint 8' in line or
+           checkpoint.CORRUPT_DIR in line]
+  # The one warning, in full: the step, its path, the cause, where it went.
+  assert len(about) == 1, about
+  (kept,) = glob.glob(os.path.join(workdir, checkpoint.CORRUPT_DIR, '8-*'))
+  assert f'Checkpoint 8 ({step_dir}) is damaged: {largest} is cut short: ' \
+         f'{size // 2} bytes' in about[0]
+  assert f'Moved it to {kept} (kept, not deleted)' in about[0]
+  assert 'Restoring checkpoint at step 4' in out.stderr
+  # Beyond that warning, the resumed run logs what a clean run logs (plus
+  # the line about the metrics records it moved aside).
+  assert len(log) <= len(clean.stderr.splitlines()) + 3, out.stderr[-3000:]
+
+
+# Replaces checkpoint.save in a child run: once the checkpoint of step
+# KILL_AT is committed, the process dies at once, as under SIGKILL.
+_DIE_AFTER_SAVE = '''
+import os
+from mlm_jax import checkpoint
+_save = checkpoint.save
+def save(mngr, step, *args):
+  _save(mngr, step, *args)
+  if step == {step}:
+    mngr.wait_until_finished()
+    os._exit(9)
+checkpoint.save = save
+'''
+
+
+@pytest.mark.slow
+def test_a_kill_right_after_a_checkpoint_loses_no_record(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  # Step 4 is a log step and a checkpoint step, not an eval step.
+  out = _main(workdir, data_dir, prelude=_DIE_AFTER_SAVE.format(step=4),
+              eval_every=100)
+  assert out.returncode == 9, out.stderr[-3000:]
+  assert _checkpoint_steps(workdir) == [4]
+  assert [r['step'] for r in tiny.read_metrics(workdir)] == [2, 4]
+  out = _main(workdir, data_dir, eval_every=100)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Restoring checkpoint at step 4' in out.stderr
+  steps = [r['step'] for r in tiny.read_metrics(workdir) if 'train/loss' in r]
   assert steps == [2, 4, 6, 8]
