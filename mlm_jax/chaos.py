@@ -44,7 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/cpu.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Holds reference/ and chaos/.')
 _KILLS = flags.DEFINE_integer('kills', 5, 'How many times to kill the run.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seeds the kill moments and signals.')
+_SEED = flags.DEFINE_integer('kill_seed', 0, 'Seeds the kill moments and signals.')
 _STARTUP = flags.DEFINE_float(
     'startup_seconds', 10.0, 'A start-up kill lands within this many seconds '
     'of the start.')

@@ -56,7 +56,7 @@ def test_sigterm_saves_the_step_and_exits_0(data_dir, tmp_path):
 @pytest.mark.slow
 def test_chaos_check_with_five_kills_is_bit_identical(data_dir, tmp_path):
   cmd = [sys.executable, '-m', 'mlm_jax.chaos', '--config=configs/cpu.py',
-         f'--workdir={tmp_path}', '--kills=5', '--seed=1',
+         f'--workdir={tmp_path}', '--kills=5', '--kill_seed=1',
          # Long enough that every kill lands before the end, even when
          # start-ups compile from the suite's persistent cache and a
          # tiny step takes milliseconds.
