@@ -57,16 +57,17 @@ def tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
 def _beam_download_config(data_config: ml_collections.ConfigDict):
   import shlex  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError('data.beam_runner needs Apache Beam: pip install -e '
-                     '".[beam]".') from e
   if not data_config.tokenizer:
     raise ValueError(
         'data.beam_runner needs data.tokenizer: training one here would read '
         'the whole corpus on this host. Train it on a sample first: python -m '
         'mlm_jax.data.tokenizer --source=<a few shards> --out=sp.model.')
+  try:
+    from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError('data.beam_runner needs Apache Beam: pip install -e '
+                     '".[beam]" (in an environment of its own: see the '
+                     "README's Data at scale section).") from e
   options = pipeline_options.PipelineOptions(
       shlex.split(data_config.beam_options) + [
           f'--runner={data_config.beam_runner}'])
