@@ -16,6 +16,8 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 from mlm_jax.data import parallel
 from mlm_jax.data import records
 
@@ -113,12 +115,35 @@ def record_pieces(path: str, text_field: str, size: int, pos
       yield from _line_pieces('jsonl', path, text_field, size, pos)
       return
     for batch in records.arrow_batches(path, text_field, k):
-      yield Piece('arrow', path, batch.column(0))
+      for column in _slices(batch.column(0), size):
+        yield Piece('arrow', path, column, text_field=text_field)
   except records.RecordError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise records.corrupt_error(path, k, e) from e
   pos.close(path)
+
+
+def _slices(column, size: int) -> Iterator[Any]:
+  """Rows of a string column in runs of about `size` bytes, compacted.
+
+  A batch can hold a whole row group (hundreds of MB of web text): cut, so a
+  chunk stays small and several workers share a batch. Compacted, since a
+  pickled slice would carry its parent's whole buffers.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  large = pa.types.is_large_string(column.type)
+  if not (large or pa.types.is_string(column.type)) or column.nbytes <= size:
+    yield column  # the worker checks the type and names the file
+    return
+  offsets = np.frombuffer(column.buffers()[1], np.int64 if large else np.int32
+                          )[column.offset:column.offset + len(column) + 1]
+  start = 0
+  while start < len(column):
+    end = int(np.searchsorted(offsets, offsets[start] + size))
+    end = min(max(end, start + 1), len(column))
+    yield pa.concat_arrays([column.slice(start, end - start)])
+    start = end
 
 
 def chunks(pieces: Iterable[Piece], size: int) -> Iterator[list[Piece]]:

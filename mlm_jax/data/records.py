@@ -86,7 +86,8 @@ def jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
     raise RecordError(f'{path}:{number} is not a JSON record ({e}); is it a '
                      'JSON Lines file?') from e
   if not isinstance(record, dict) or field not in record:
-    raise _field_error(path, field, record if isinstance(record, dict) else [])
+    raise _field_error(f'{path}:{number}', field,
+                       record if isinstance(record, dict) else [])
   text = record[field]
   if not isinstance(text, str):
     raise RecordError(f'{path}:{number}: field {field!r} holds a '

@@ -392,9 +392,10 @@ class Documents:
   def total_bytes(self) -> int:
     return self.position.total
 
-  def pieces(self, size: int = pieces_lib.PIECE_BYTES) -> Iterator[pieces_lib.Piece]:
-    """The source cut into pieces of about `size` bytes (for workers to
-    expand), never inside a document."""
+  def pieces(self, size: int = 0) -> Iterator[pieces_lib.Piece]:
+    """The source cut into pieces of about `size` bytes (0: PIECE_BYTES),
+    for workers to expand; no piece splits a document."""
+    size = size or pieces_lib.PIECE_BYTES
     if self._cache is None:
       self.position.start(self.position.total)
       counts = _new_counts()
