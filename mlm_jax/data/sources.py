@@ -13,7 +13,8 @@ kind comes from its name:
 
 Every source yields documents as strings whose lines are paragraphs, with
 runs of whitespace collapsed. Dumps are cleaned once, in parallel, into a
-cache of cleaned text that the tokenizer and the builder then read.
+cache of cleaned text that the tokenizer and the builder then read. A build
+reads the source as raw `pieces` that its workers decode into documents.
 """
 
 from collections.abc import Iterator
