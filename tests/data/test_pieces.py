@@ -122,3 +122,15 @@ def test_documents_equal_the_line_by_line_read(tmp_path, monkeypatch):
   monkeypatch.setattr(pieces, 'PIECE_BYTES', 7)
   docs = list(sources.documents(str(tmp_path / 'a.txt')))
   assert docs == _reference(TRICKY * 3, False)[0]
+
+
+def test_a_beam_task_reads_a_file_as_documents_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(pieces, 'PIECE_BYTES', 7)
+  (tmp_path / 'a.txt').write_bytes(TRICKY * 3)
+  with gzip.open(tmp_path / 'b.jsonl.gz', 'wt') as f:
+    f.write(''.join(json.dumps({'t': f'd  {i}'}) + '\n' for i in range(9)))
+  for name, field in (('a.txt', 'text'), ('b.jsonl.gz', 't')):
+    path = str(tmp_path / name)
+    assert (list(sources.file_documents(path, field))
+            == list(sources.documents(path, text_field=field)))
+  assert list(sources.file_documents(path, 't'))[-1] == 'd 8'
