@@ -32,11 +32,15 @@ import tensorflow_datasets as tfds
 
 from mlm_jax.data import packing
 from mlm_jax.data import parallel
+from mlm_jax.data import pieces
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.data import tokens as tokens_lib
 
 # Bump when the row layout changes.
 PACKING_VERSION = 1
+# Bump when chunks are cut differently: a killed build's chunks are reused
+# only by a build that cuts the same ones.
+CHUNKING_VERSION = 2
 # Characters of text per tokenizing task (about 250k tokens).
 CHUNK_CHARS = 1 << 20
 
@@ -135,7 +139,7 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def work_dir(self) -> str:
     """Tokenized chunks of an unfinished build (removed once it is done)."""
     return os.path.join(os.fspath(self.data_path.parent),
-                        f'tokens-{self.version}')
+                        f'tokens-{self.version}-c{CHUNKING_VERSION}')
 
   def remove_work_dir(self) -> None:
     shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -173,16 +177,20 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     os.makedirs(self.work_dir, exist_ok=True)
     docs = self._documents()
     position = getattr(docs, 'position', None)
-    if position is None:
+    if hasattr(docs, 'chunks'):
+      # A source: the workers decode and split its raw pieces.
+      chunks = docs.chunks(self._chunk_chars)
+    else:
       position = _Chars()
-      docs = _counting(docs, position)
+      chunks = ([pieces.Piece('docs', '', chunk)] for chunk in parallel.chunks(
+          _counting(docs, position), self._chunk_chars))
     progress = parallel.Progress('Tokenizing', position)
 
     kept = 0
 
     def tasks():
       nonlocal kept
-      for k, chunk in enumerate(parallel.chunks(docs, self._chunk_chars)):
+      for k, chunk in enumerate(chunks):
         path = os.path.join(self.work_dir, f'chunk-{k:07d}.npz')
         # A chunk a killed build finished is read back, not tokenized again.
         done = os.path.exists(path)
@@ -190,16 +198,19 @@ class PackedMLM(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield tokens_lib.encode_chunk, (None if done else chunk, path,
                                         self._eval_fraction)
 
-    stats = []
+    stats, tally = [], {}
     for c in pool.ordered(tasks()):
       stats.append(c)
+      pieces.add_tally(tally, c.tally)
       progress.update(c.documents, c.chars,
                       sum(t for _, t, _ in c.counts.values()))
     seconds = progress.finish()
     logging.info('Tokenized %d chunks (%d kept from an earlier run) in '
                  '%.1f s, %d workers.', len(stats), kept, seconds,
                  pool.workers)
-    if not stats:
+    if hasattr(docs, 'report'):
+      docs.report(tally)
+    if not sum(c.documents for c in stats):
       raise ValueError('The corpus holds no document.')
     return stats
 

@@ -79,14 +79,15 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def _jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
+def jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
   try:
     record = json.loads(line)
   except ValueError as e:
     raise RecordError(f'{path}:{number} is not a JSON record ({e}); is it a '
                      'JSON Lines file?') from e
   if not isinstance(record, dict) or field not in record:
-    raise _field_error(path, field, record if isinstance(record, dict) else [])
+    raise _field_error(f'{path}:{number}', field,
+                       record if isinstance(record, dict) else [])
   text = record[field]
   if not isinstance(text, str):
     raise RecordError(f'{path}:{number}: field {field!r} holds a '
@@ -95,7 +96,7 @@ def _jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
   return text
 
 
-def _arrow_batches(path: str, field: str, kind_: str):
+def arrow_batches(path: str, field: str, kind_: str):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   if kind_ == 'parquet':
@@ -118,30 +119,37 @@ def _arrow_batches(path: str, field: str, kind_: str):
       yield batch.select([field])
 
 
+def check_text_column(path: str, field: str, type_) -> None:
+  if not (type_.equals('string') or type_.equals('large_string')):
+    raise RecordError(f'{path}: column {field!r} holds {type_}, not text; set '
+                      '--config.data.text_field.')
+
+
+def corrupt_error(path: str, kind_: str, e: Exception) -> RecordError:
+  # Truncated gzip, corrupt zstd frames, a CSV named .parquet: name the file.
+  return RecordError(f'{path} is corrupt, truncated or not a {kind_} file '
+                     f'({type(e).__name__}: {e}); re-download or remove it '
+                     'from data.source.')
+
+
 def texts(path: str, field: str) -> Iterator[str]:
   """The `field` of every record of `path`, in file order."""
   k = kind(path)
   try:
     if k == 'jsonl':
       for number, line in _jsonl_lines(path):
-        yield _jsonl_text(path, number, line, field)
+        yield jsonl_text(path, number, line, field)
       return
-    for batch in _arrow_batches(path, field, k):
+    for batch in arrow_batches(path, field, k):
       column = batch.column(0)
-      if not (column.type.equals('string') or column.type.equals(
-          'large_string')):
-        raise RecordError(f'{path}: column {field!r} holds {column.type}, not '
-                         'text; set --config.data.text_field.')
+      check_text_column(path, field, column.type)
       for text in column.to_pylist():
         if text is not None:
           yield text
   except RecordError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    # Truncated gzip, corrupt zstd frames, a CSV named .parquet: name the file.
-    raise RecordError(f'{path} is corrupt, truncated or not a {k} file '
-                      f'({type(e).__name__}: {e}); re-download or remove it '
-                      'from data.source.') from e
+    raise corrupt_error(path, k, e) from e
 
 
 def check(path: str, field: str) -> None:

@@ -13,7 +13,8 @@ kind comes from its name:
 
 Every source yields documents as strings whose lines are paragraphs, with
 runs of whitespace collapsed. Dumps are cleaned once, in parallel, into a
-cache of cleaned text that the tokenizer and the builder then read.
+cache of cleaned text that the tokenizer and the builder then read. A build
+reads the source as raw `pieces` that its workers decode into documents.
 """
 
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import mwparserfromhell
 from mwparserfromhell import nodes
 
 from mlm_jax.data import parallel
+from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import records
 
 DEMO = 'demo'
@@ -192,17 +194,6 @@ def clean_wikitext(text: str) -> str:
   code = mwparserfromhell.parse(text, skip_style_tags=True)
   lines = (' '.join(line.split()) for line in _strip(code).splitlines())
   # '__NOTOC__'-style magic words are plain text to the parser.
-  return '\n'.join(l for l in lines if l and not re.fullmatch(r'__\w+__', l))
-
-
-def clean_wikitext(text: str) -> str:
-  """Wiki markup to paragraphs of plain text, one per line."""
-  # The parser's bold/italic handling misparses real pages (an unbalanced ''
-  # inside a <ref> turns the rest of the page into raw text) and takes half
-  # the time, so style tags are parsed as text and their quotes dropped.
-  code = mwparserfromhell.parse(text, skip_style_tags=True)
-  lines = (' '.join(line.split()) for line in _strip(code).splitlines())
-  # '__NOTOC__'-style magic words are plain text to the parser.
   return '\n'.join(l for l in lines if l and not _MAGIC_WORD.fullmatch(l))
 
 
@@ -224,25 +215,19 @@ class Position:
     except ValueError:  # closed
       return self._done
 
-  def _open(self, path: str):
+  def open(self, path: str):
     self._raw = open(path, 'rb')
     return self._raw
 
-  def _close(self, path: str):
+  def close(self, path: str):
     self._done += os.path.getsize(path)
     self._raw = None
-
-
-def _read_error(path: str, e: Exception) -> ValueError:
-  return ValueError(f'{path} is corrupt or truncated ({type(e).__name__}: '
-                    f'{e}); re-download or remove it from data.source. The '
-                    'parts already built are kept: the next run resumes.')
 
 
 def _dump_pages(path: str, pos: Position, counts: dict[str, int]
                 ) -> Iterator[tuple[str, str]]:
   """(title, wikitext) of the articles of a dump: no redirects, no talk."""
-  raw = pos._open(path)  # pylint: disable=protected-access
+  raw = pos.open(path)
   pages = counts['pages']
   try:
     with raw, records.open_binary(path, raw) as f:
@@ -263,11 +248,11 @@ def _dump_pages(path: str, pos: Position, counts: dict[str, int]
         else:
           counts['skipped'] += 1
   except (OSError, EOFError, ET.ParseError) as e:
-    raise _read_error(path, e) from e
+    raise pieces_lib.read_error(path, e) from e
   if counts['pages'] == pages:
     logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
                     'dump?', path)
-  pos._close(path)  # pylint: disable=protected-access
+  pos.close(path)
 
 
 def _clean_page(title: str, text: str, counts: dict[str, int]) -> str | None:
@@ -298,94 +283,88 @@ def _dump_documents(path: str) -> Iterator[str]:
   logging.info('Dump %s: %s', path, counts)
 
 
-def _normalize(text: str) -> str:
-  lines = (' '.join(line.split()) for line in text.splitlines())
-  return '\n'.join(filter(None, lines))
-
-
-def _text_documents(path: str, one_doc_per_file: bool,
-                    pos: Position) -> Iterator[str]:
-  bad = 0
-  lines = []
-  raw = pos._open(path)  # pylint: disable=protected-access
-  try:
-    with raw, records.open_binary(path, raw) as f:
-      for raw_line in f:
-        line = raw_line.decode('utf-8', errors='replace')
-        # A real U+FFFD in the file is not a decoding error.
-        bad += line.count('\ufffd') - raw_line.count(b'\xef\xbf\xbd')
-        line = ' '.join(line.split())
-        if line:
-          lines.append(line)
-        elif lines and not one_doc_per_file:
-          yield '\n'.join(lines)
-          lines = []
-  except (OSError, EOFError) as e:
-    raise _read_error(path, e) from e
-  if lines:
-    yield '\n'.join(lines)
-  pos._close(path)  # pylint: disable=protected-access
-  if bad:
-    logging.warning('%s: %d invalid UTF-8 byte sequences replaced by U+FFFD.',
-                    path, bad)
-
-
-def _record_documents(path: str, text_field: str,
-                      pos: Position) -> Iterator[str]:
-  n = 0
-  for text in records.texts(path, text_field):
-    doc = _normalize(text)
-    if doc:
-      n += 1
-      yield doc
-  if not n:
-    logging.warning('%s holds no document (no non-blank %r).', path,
-                    text_field)
-  pos._close(path)  # pylint: disable=protected-access
+def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
+            size: int, pos: Position, counts: dict[str, int]
+            ) -> Iterator[pieces_lib.Piece]:
+  """The pieces of `files` (the documents of dumps cleaned here: only a
+  source with no cache directory comes here with a dump)."""
+  for path in files:
+    if is_dump(path):
+      docs = (_clean_page(title, text, counts)
+              for title, text in _dump_pages(path, pos, counts))
+      for chunk in parallel.chunks(filter(None, docs), size):
+        yield pieces_lib.Piece('docs', path, chunk)
+    elif records.kind(path):
+      yield from pieces_lib.record_pieces(path, text_field, size, pos)
+    else:
+      yield from pieces_lib.text_pieces(path, one_doc_per_file, size, pos)
 
 
 def _items(files: list[str], one_doc_per_file: bool, text_field: str,
-           pos: Position, counts: dict[str, int]
-           ) -> Iterator[tuple[str, str | None]]:
-  """(wikitext title, wikitext) for dump pages, (document, None) otherwise."""
+           pos: Position, counts: dict[str, int]):
+  """(title, wikitext) of dump pages, the pieces of the other files."""
   for path in files:
     if is_dump(path):
       yield from _dump_pages(path, pos, counts)
-    elif records.kind(path):
-      for doc in _record_documents(path, text_field, pos):
-        yield doc, None
     else:
-      for doc in _text_documents(path, one_doc_per_file, pos):
-        yield doc, None
+      yield from _pieces([path], one_doc_per_file, text_field,
+                         _CLEAN_CHUNK_CHARS, pos, counts)
 
 
-def _clean(items: list[tuple[str, str | None]]) -> tuple[list[str], dict]:
-  counts = _new_counts()
+def _item_size(item) -> int:
+  if isinstance(item, pieces_lib.Piece):
+    return item.size()
+  return len(item[0]) + len(item[1])
+
+
+def _clean(items) -> tuple[list[str], dict, dict[str, list[int]]]:
+  """Worker: cleaned pages and the documents of pieces, in order."""
+  counts, tally = _new_counts(), {}
   docs = []
-  for title_or_doc, wikitext in items:
-    doc = (title_or_doc if wikitext is None
-           else _clean_page(title_or_doc, wikitext, counts))
+  for item in items:
+    if isinstance(item, pieces_lib.Piece):
+      piece_docs, piece_tally = pieces_lib.expand([item])
+      docs += piece_docs
+      pieces_lib.add_tally(tally, piece_tally)
+      continue
+    doc = _clean_page(*item, counts)
     if doc is not None:
       docs.append(doc)
-  return docs, counts
+  return docs, counts, tally
+
+
+def _report(files: list[str], text_field: str,
+            tally: dict[str, list[int]]) -> None:
+  """Logs, once per file, what the workers counted in its pieces."""
+  for path in files:
+    n, bad = tally.get(path, (0, 0))
+    if bad:
+      logging.warning('%s: %d invalid UTF-8 byte sequences replaced by '
+                      'U+FFFD.', path, bad)
+    if records.kind(path) and not n:
+      logging.warning('%s holds no document (no non-blank %r).', path,
+                      text_field)
+
+
+def _expanded(chunks: Iterator[list[pieces_lib.Piece]], files: list[str],
+              text_field: str) -> Iterator[str]:
+  """The documents of `chunks`, expanded in this process."""
+  tally = {}
+  for chunk in chunks:
+    docs, chunk_tally = pieces_lib.expand(chunk)
+    pieces_lib.add_tally(tally, chunk_tally)
+    yield from docs
+  _report(files, text_field, tally)
 
 
 def file_documents(path: str, text_field: str) -> Iterator[str]:
   """The documents of one file of a source (a Beam task's share)."""
-  return _read([path], False, text_field, Position([path]))
-
-
-def _read(files: list[str], one_doc_per_file: bool, text_field: str,
-          pos: Position) -> Iterator[str]:
   counts = _new_counts()
-  for title_or_doc, wikitext in _items(files, one_doc_per_file, text_field,
-                                       pos, counts):
-    doc = (title_or_doc if wikitext is None
-           else _clean_page(title_or_doc, wikitext, counts))
-    if doc is not None:
-      yield doc
+  chunks = ([p] for p in _pieces([path], False, text_field,
+                                 pieces_lib.PIECE_BYTES, Position([path]), counts))
+  yield from _expanded(chunks, [path], text_field)
   if counts['pages']:
-    logging.info('Dump pages of %s: %s', files, counts)
+    logging.info('Dump pages of %s: %s', path, counts)
 
 
 class Documents:
@@ -414,20 +393,41 @@ class Documents:
   def total_bytes(self) -> int:
     return self.position.total
 
-  def __iter__(self) -> Iterator[str]:
+  def pieces(self, size: int = 0) -> Iterator[pieces_lib.Piece]:
+    """The source cut into pieces of about `size` bytes (0: PIECE_BYTES),
+    for workers to expand; no piece splits a document."""
+    size = size or pieces_lib.PIECE_BYTES
     if self._cache is None:
       self.position.start(self.position.total)
-      docs = _read(self.files, self._one_doc_per_file, self._text_field,
-                   self.position)
-    else:
-      if not os.path.exists(os.path.join(self._cache, 'done.json')):
-        self._write_cache()
-      # Progress is then in bytes of the cache.
-      self.position.start(sum(
-          e.stat().st_size for e in os.scandir(self._cache)))
-      docs = _read_cache(self._cache, self.position)
+      counts = _new_counts()
+      yield from _pieces(self.files, self._one_doc_per_file, self._text_field,
+                         size, self.position, counts)
+      if counts['pages']:
+        logging.info('Dump pages of %s: %s', self.files, counts)
+      return
+    if not os.path.exists(os.path.join(self._cache, 'done.json')):
+      self._write_cache()
+    # Progress is then in bytes of the cache.
+    self.position.start(sum(
+        e.stat().st_size for e in os.scandir(self._cache)))
+    with open(os.path.join(self._cache, 'done.json')) as f:
+      parts = json.load(f)['parts']
+    for k in range(parts):
+      yield from pieces_lib.cache_pieces(
+          os.path.join(self._cache, _part_name(k)), size, self.position)
+
+  def chunks(self, size: int) -> Iterator[list[pieces_lib.Piece]]:
+    """Consecutive pieces of about `size` bytes in all: a worker's task."""
+    return pieces_lib.chunks(self.pieces(size), size)
+
+  def report(self, tally: dict[str, list[int]]) -> None:
+    """Logs once per file what `pieces_lib.expand` counted in its pieces."""
+    _report(self.files, self._text_field, tally)
+
+  def __iter__(self) -> Iterator[str]:
     n = 0
-    for n, doc in enumerate(docs, 1):
+    for n, doc in enumerate(_expanded(([p] for p in self.pieces()),
+                                      self.files, self._text_field), 1):
       yield doc
     if not n:
       raise ValueError(f'The corpus {self.files} holds no document.')
@@ -443,7 +443,7 @@ class Documents:
     cache = self._cache
     os.makedirs(cache, exist_ok=True)
     pos = Position(self.files)
-    counts = _new_counts()
+    counts, tally = _new_counts(), {}
     items = _items(self.files, self._one_doc_per_file, self._text_field, pos,
                    counts)
     progress = parallel.Progress('Cleaning', pos)
@@ -451,13 +451,14 @@ class Documents:
     with parallel.Pool(self._workers) as pool:
       tasks = ((_clean_part, (chunk, os.path.join(cache, _part_name(k))))
                for k, chunk in enumerate(parallel.chunks(
-                   items, _CLEAN_CHUNK_CHARS,
-                   size=lambda it: len(it[0]) + len(it[1] or ''))))
-      for parts, (kept, chars, part_counts) in enumerate(
+                   items, _CLEAN_CHUNK_CHARS, size=_item_size)))
+      for parts, (kept, chars, part_counts, part_tally) in enumerate(
           pool.ordered(tasks), 1):
         for k, v in part_counts.items():
           counts[k] += v
+        pieces_lib.add_tally(tally, part_tally)
         progress.update(kept, chars)
+    self.report(tally)
     counts.update(parts=parts)
     parallel.write_json_atomic(os.path.join(cache, 'done.json'), counts)
     progress.finish()
@@ -469,13 +470,14 @@ def _part_name(k: int) -> str:
   return f'part-{k:07d}.jsonl'
 
 
-def _clean_part(items, path: str) -> tuple[int, int, dict[str, int]]:
+def _clean_part(items, path: str
+                ) -> tuple[int, int, dict[str, int], dict[str, list[int]]]:
   """Worker: cleans one chunk into a part file (skipped if already there)."""
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       docs = [json.loads(line) for line in f]
-    return len(docs), sum(map(len, docs)), {}
-  docs, counts = _clean(items)
+    return len(docs), sum(map(len, docs)), {}, {}
+  docs, counts, tally = _clean(items)
   tmp = f'{path}.tmp-{uuid.uuid4().hex}'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
@@ -485,18 +487,7 @@ def _clean_part(items, path: str) -> tuple[int, int, dict[str, int]]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return len(docs), sum(map(len, docs)), counts
-
-
-def _read_cache(cache: str, pos: Position) -> Iterator[str]:
-  with open(os.path.join(cache, 'done.json')) as f:
-    parts = json.load(f)['parts']
-  for k in range(parts):
-    path = os.path.join(cache, _part_name(k))
-    with pos._open(path) as f:  # pylint: disable=protected-access
-      for line in f:
-        yield json.loads(line)
-    pos._close(path)  # pylint: disable=protected-access
+  return len(docs), sum(map(len, docs)), counts, tally
 
 
 def documents(source: str, cache_dir: str | None = None,

@@ -1,6 +1,7 @@
 """The two stages of a local build, as worker functions.
 
-1. `encode_chunk`: a chunk of documents -> its token ids, document lengths
+1. `encode_chunk`: a chunk of source pieces (`pieces`) -> its documents,
+   their token ids, document lengths
    and document hashes, in `chunk-NNNNNNN.npz` (written under a temporary name
    then renamed: a finished chunk survives a kill, and a rerun skips it).
 2. `write_shard`: rows [a, b) of a split -> one array_record shard, made
@@ -16,12 +17,14 @@ would choose it.
 from collections.abc import Iterator
 import dataclasses
 import itertools
+import json
 import os
 import uuid
 
 import numpy as np
 
 from mlm_jax.data import packing
+from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ('train', 'validation')
@@ -52,6 +55,8 @@ class ChunkStats:
   # min_hash: non-empty documents, their tokens, their stream length.
   counts: dict[str, tuple[int, int, int]]
   at_min: tuple[int, int, int]
+  # pieces.expand's per-file counts, for the main process to log.
+  tally: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def _counts(lengths: np.ndarray) -> tuple[int, int, int]:
@@ -61,7 +66,7 @@ def _counts(lengths: np.ndarray) -> tuple[int, int, int]:
 
 
 def chunk_stats(path, lengths: np.ndarray, hashes: np.ndarray, chars: int,
-                eval_fraction: float) -> ChunkStats:
+                eval_fraction: float, tally=None) -> ChunkStats:
   """Statistics of a chunk; `path` names it (a file, or a Beam key)."""
   held_out = hashes < eval_fraction
   min_hash = float(hashes.min()) if len(hashes) else 2.0
@@ -69,20 +74,21 @@ def chunk_stats(path, lengths: np.ndarray, hashes: np.ndarray, chars: int,
       path=path, documents=len(lengths), chars=chars, min_hash=min_hash,
       counts={'train': _counts(lengths[~held_out]),
               'validation': _counts(lengths[held_out])},
-      at_min=_counts(lengths[hashes == min_hash]))
+      at_min=_counts(lengths[hashes == min_hash]), tally=tally or {})
 
 
 def _token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def encode_chunk(docs: list[str] | None, path: str,
+def encode_chunk(chunk: list[pieces_lib.Piece] | None, path: str,
                  eval_fraction: float) -> ChunkStats:
   """Worker: tokenizes one chunk into `path`; reads it back if it is there."""
-  if docs is None:
+  if chunk is None:
     with np.load(path) as z:
       return chunk_stats(path, z['lengths'], z['hashes'], int(z['chars']),
-                    eval_fraction)
+                         eval_fraction, json.loads(str(z['tally'])))
+  docs, tally = pieces_lib.expand(chunk)
   encoded = [_tokenizer.encode(d) for d in docs]
   lengths = np.array([len(t) for t in encoded], np.int32)
   hashes = np.array([packing.doc_hash(d) for d in docs], np.float64)
@@ -91,12 +97,13 @@ def encode_chunk(docs: list[str] | None, path: str,
   chars = sum(map(len, docs))
   tmp = f'{path}.tmp-{uuid.uuid4().hex}.npz'
   try:
-    np.savez(tmp, tokens=tokens, lengths=lengths, hashes=hashes, chars=chars)
+    np.savez(tmp, tokens=tokens, lengths=lengths, hashes=hashes, chars=chars,
+             tally=json.dumps(tally))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return chunk_stats(path, lengths, hashes, chars, eval_fraction)
+  return chunk_stats(path, lengths, hashes, chars, eval_fraction, tally)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,8 @@
 """Parallel builds: the serial build's rows, bounded work in flight, resumable."""
 
 import bz2
+import gzip
+import json
 import logging
 import os
 import signal
@@ -9,6 +11,8 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mlm_jax import data
@@ -40,7 +44,13 @@ def _dump(path, docs):
        f'{pages}</mediawiki>').encode()))
 
 
-@pytest.mark.parametrize('kind', ['text', 'dump'])
+def _jsonl_gz(path, docs):
+  with gzip.open(path, 'wt') as f:
+    for d in docs:
+      f.write(json.dumps({'text': d}) + '\n')
+
+
+@pytest.mark.parametrize('kind', ['text', 'dump', 'jsonl', 'parquet'])
 def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
                                          make_config, prepared, small_pieces):
   docs = [d * 4 for d in make_docs(90, seed=5)]  # over MIN_PAGE_CHARS
@@ -48,6 +58,14 @@ def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
     write_docs(tmp_path / 'a.txt', docs[:50])
     write_docs(tmp_path / 'b.txt', docs[50:])
     source = f'{tmp_path}/*.txt'
+  elif kind == 'jsonl':
+    _jsonl_gz(tmp_path / 'a.jsonl.gz', docs[:50])
+    _jsonl_gz(tmp_path / 'b.jsonl.gz', docs[50:])
+    source = f'{tmp_path}/*.jsonl.gz'
+  elif kind == 'parquet':
+    # One row group: the workers share it only if it is cut into pieces.
+    pq.write_table(pa.table({'text': docs}), tmp_path / 'a.parquet')
+    source = f'{tmp_path}/a.parquet'
   else:
     _dump(tmp_path / 'w1-pages-articles.xml.bz2', docs[:50])
     _dump(tmp_path / 'w2-pages-articles.xml.bz2', docs[50:])
@@ -77,6 +95,34 @@ def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
   want = list(builder.pack([t for t in train if t], 16, 2, 3, 0))
   np.testing.assert_array_equal(
       _rows(info), np.stack([np.stack(r) for r in want]))
+  # Record sources give back their documents as written.
+  if kind in ('jsonl', 'parquet'):
+    assert texts == docs
+
+
+def test_parallel_build_logs_and_names_lines_once_per_file(
+    tmp_path, make_config, prepared, small_pieces, caplog):
+  tok = tmp_path / 'sp.model'
+  tok.write_bytes(prepared.tokenizer.model_bytes)
+  text = ''.join(f'Document {i} caf\xc3\xa9 \xff and more words.\n\n'
+                 for i in range(200)).encode('latin-1')
+  (tmp_path / 'bad.txt').write_bytes(text)
+  with caplog.at_level(logging.WARNING):
+    data.prepare(make_config(str(tmp_path / 'bad.txt'), str(tmp_path / 'd'),
+                             tokenizer=str(tok), workers=2), 16)
+  # Counted by the workers over many pieces, logged once by the build.
+  assert caplog.text.count('invalid UTF-8') == 1
+  assert 'bad.txt: 200 invalid UTF-8' in caplog.text
+  lines = [json.dumps({'text': f'Doc {i} ' * 20}) for i in range(300)]
+  lines[250] = json.dumps({'body': 'no text'})
+  with gzip.open(tmp_path / 'c.jsonl.gz', 'wt') as f:
+    f.write('\n'.join(lines) + '\n')
+  # The record is far into the file, in a worker's piece: still named.
+  with pytest.raises(ValueError, match=r"c\.jsonl\.gz:251: no text field 'text' "
+                     r"\(found \['body'\]\)"):
+    data.prepare(make_config(str(tmp_path / 'c.jsonl.gz'),
+                             str(tmp_path / 'e'), tokenizer=str(tok),
+                             workers=2), 16)
 
 
 def test_packing_rows_equal_greedy_pack():

@@ -71,7 +71,7 @@ def test_wrong_field_names_the_file_and_the_fix(tmp_path):
   _jsonl(tmp_path / 'b.jsonl', DOCS, field='content')
   source = f'{tmp_path}/*.jsonl'
   # At the call, before any long work: every shard's first record is read.
-  with pytest.raises(ValueError, match=r"b\.jsonl: no text field 'text' "
+  with pytest.raises(ValueError, match=r"b\.jsonl:1: no text field 'text' "
                      r"\(found \['content', 'id'\]\); set "
                      r'--config.data.text_field'):
     sources.documents(source)

@@ -1,0 +1,220 @@
+"""Pieces of a source: what the main process reads, what a worker expands.
+
+In a parallel build the main process is the bottleneck if it touches every
+document, so it only reads bytes and cuts them at document boundaries with
+C-speed searches: text at a blank line, JSON Lines at a newline, Parquet and
+arrow files at a record batch (pyarrow reads those). The workers decode,
+parse, check and normalize a piece into documents (`expand`). A piece never
+splits a document and its cut depends only on the file's bytes, so the
+documents, and the chunks a killed build resumes from, are the same whatever
+the worker count; with one worker the same functions run in-process.
+"""
+
+from collections.abc import Iterable, Iterator
+import dataclasses
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+from mlm_jax.data import parallel
+from mlm_jax.data import records
+
+# Bytes of a file per piece when no chunk size is given.
+PIECE_BYTES = 1 << 20
+# A whitespace-only line: a document boundary of a text file. ASCII
+# whitespace only, so the cut is a bytes search; a line of Unicode spaces is
+# still a boundary to the worker, just never a cut.
+_BLANK_LINE = re.compile(rb'\n[ \t\r\f\v]*\n')
+_NEWLINE = re.compile(rb'\n')
+_REPLACEMENT = '\ufffd'.encode()
+
+
+@dataclasses.dataclass
+class Piece:
+  """Whole documents of one file, still undecoded.
+
+  kind: 'text' (UTF-8 bytes, documents separated by blank lines), 'jsonl'
+  (JSON Lines bytes), 'cache' (lines of JSON strings: cleaned Wikipedia
+  text), 'arrow' (a pyarrow array of the text column) or 'docs' (a list of
+  finished documents).
+  """
+  kind: str
+  path: str
+  data: Any
+  first_line: int = 1  # jsonl: the file's line number of the first line
+  text_field: str = 'text'
+  one_doc: bool = False  # text: the whole file is one document
+
+  def size(self) -> int:
+    if self.kind == 'arrow':
+      return self.data.nbytes
+    if self.kind == 'docs':
+      return sum(map(len, self.data))
+    return len(self.data)
+
+
+def read_error(path: str, e: Exception) -> ValueError:
+  return ValueError(f'{path} is corrupt or truncated ({type(e).__name__}: '
+                    f'{e}); re-download or remove it from data.source. The '
+                    'parts already built are kept: the next run resumes.')
+
+
+def _cut(f, size: int, boundary: re.Pattern) -> Iterator[bytes]:
+  """`f`'s bytes in blocks: each ends at the first `boundary` at or past
+  `size` bytes into it (or at the end of `f`).
+
+  `boundary` must start and end with a newline and hold none inside, so a
+  search resumes at the last newline already read.
+  """
+  buf, start = b'', size
+  while more := f.read(size):
+    buf += more
+    while (m := boundary.search(buf, start)) is not None:
+      yield buf[:m.end()]
+      buf, start = buf[m.end():], size
+    last = buf.rfind(b'\n', start)
+    start = max(start, last if last >= 0 else len(buf))
+  if buf:
+    yield buf
+
+
+def text_pieces(path: str, one_doc: bool, size: int, pos) -> Iterator[Piece]:
+  raw = pos.open(path)
+  try:
+    with raw, records.open_binary(path, raw) as f:
+      blocks = [f.read()] if one_doc else _cut(f, size, _BLANK_LINE)
+      for block in blocks:
+        yield Piece('text', path, block, one_doc=one_doc)
+  except (OSError, EOFError) as e:
+    raise read_error(path, e) from e
+  pos.close(path)
+
+
+def _line_pieces(kind: str, path: str, text_field: str, size: int, pos
+                 ) -> Iterator[Piece]:
+  line = 1
+  raw = pos.open(path)
+  with raw, records.open_binary(path, raw) as f:
+    for block in _cut(f, size, _NEWLINE):
+      yield Piece(kind, path, block, first_line=line, text_field=text_field)
+      line += block.count(b'\n')
+  pos.close(path)
+
+
+def cache_pieces(path: str, size: int, pos) -> Iterator[Piece]:
+  return _line_pieces('cache', path, '', size, pos)
+
+
+def record_pieces(path: str, text_field: str, size: int, pos
+                  ) -> Iterator[Piece]:
+  k = records.kind(path)
+  try:
+    if k == 'jsonl':
+      yield from _line_pieces('jsonl', path, text_field, size, pos)
+      return
+    for batch in records.arrow_batches(path, text_field, k):
+      for column in _slices(batch.column(0), size):
+        yield Piece('arrow', path, column, text_field=text_field)
+  except records.RecordError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise records.corrupt_error(path, k, e) from e
+  pos.close(path)
+
+
+def _slices(column, size: int) -> Iterator[Any]:
+  """Rows of a string column in runs of about `size` bytes, compacted.
+
+  A batch can hold a whole row group (hundreds of MB of web text): cut, so a
+  chunk stays small and several workers share a batch. Compacted, since a
+  pickled slice would carry its parent's whole buffers.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  large = pa.types.is_large_string(column.type)
+  if not (large or pa.types.is_string(column.type)) or column.nbytes <= size:
+    yield column  # the worker checks the type and names the file
+    return
+  offsets = np.frombuffer(column.buffers()[1], np.int64 if large else np.int32
+                          )[column.offset:column.offset + len(column) + 1]
+  start = 0
+  while start < len(column):
+    end = int(np.searchsorted(offsets, offsets[start] + size))
+    end = min(max(end, start + 1), len(column))
+    yield pa.concat_arrays([column.slice(start, end - start)])
+    start = end
+
+
+def chunks(pieces: Iterable[Piece], size: int) -> Iterator[list[Piece]]:
+  """Consecutive pieces of about `size` bytes in all: one worker task."""
+  return parallel.chunks(pieces, size, size=Piece.size)
+
+
+def normalize(text: str) -> str:
+  """Whitespace runs to one space, blank lines dropped."""
+  lines = (' '.join(line.split()) for line in text.splitlines())
+  return '\n'.join(filter(None, lines))
+
+
+def _text_docs(piece: Piece) -> tuple[list[str], int]:
+  text = piece.data.decode('utf-8', errors='replace')
+  # A real U+FFFD in the file is not a decoding error.
+  bad = text.count('\ufffd') - piece.data.count(_REPLACEMENT)
+  docs, lines = [], []
+  # '\n' only: file lines, not str.splitlines' (which also cuts at \r, \x1c).
+  for line in text.split('\n'):
+    line = ' '.join(line.split())
+    if line:
+      lines.append(line)
+    elif lines and not piece.one_doc:
+      docs.append('\n'.join(lines))
+      lines = []
+  if lines:
+    docs.append('\n'.join(lines))
+  return docs, bad
+
+
+def _jsonl_docs(piece: Piece) -> tuple[list[str], int]:
+  docs = []
+  for i, line in enumerate(piece.data.split(b'\n')):
+    if line.strip():
+      doc = normalize(records.jsonl_text(piece.path, piece.first_line + i,
+                                         line, piece.text_field))
+      if doc:
+        docs.append(doc)
+  return docs, 0
+
+
+def _cache_docs(piece: Piece) -> tuple[list[str], int]:
+  return [json.loads(line) for line in piece.data.split(b'\n') if line], 0
+
+
+def _arrow_docs(piece: Piece) -> tuple[list[str], int]:
+  records.check_text_column(piece.path, piece.text_field, piece.data.type)
+  docs = (normalize(t) for t in piece.data.to_pylist() if t is not None)
+  return [d for d in docs if d], 0
+
+
+_EXPAND = {'text': _text_docs, 'jsonl': _jsonl_docs, 'cache': _cache_docs,
+           'arrow': _arrow_docs, 'docs': lambda piece: (piece.data, 0)}
+
+
+def expand(chunk: list[Piece]) -> tuple[list[str], dict[str, list[int]]]:
+  """Worker: the documents of a chunk, and per file [documents, invalid
+  UTF-8 sequences] (the main process logs those once per file)."""
+  docs, tally = [], {}
+  for piece in chunk:
+    piece_docs, bad = _EXPAND[piece.kind](piece)
+    docs += piece_docs
+    counts = tally.setdefault(piece.path, [0, 0])
+    counts[0] += len(piece_docs)
+    counts[1] += bad
+  return docs, tally
+
+
+def add_tally(total: dict[str, list[int]], tally: dict[str, list[int]]):
+  for path, (n, bad) in tally.items():
+    counts = total.setdefault(path, [0, 0])
+    counts[0] += n
+    counts[1] += bad
