@@ -7,6 +7,7 @@ under ~/.cache/mlm_jax/test-envs/ (this suite's packages, plus apache-beam
 and the versions it pins, which come first).
 """
 
+import hashlib
 import json
 import os
 import site
@@ -38,8 +39,11 @@ def _beam_env() -> str:
   """The python of an environment with apache-beam over this one's packages."""
   root = os.path.expanduser(os.environ.get(
       'MLM_JAX_TEST_ENVS', '~/.cache/mlm_jax/test-envs'))
+  parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+  # One environment per parent environment (a CI venv, a user's, ...).
+  key = hashlib.sha256(json.dumps([BEAM, parents]).encode()).hexdigest()[:12]
   env_dir = os.path.join(root, f'beam-py{sys.version_info[0]}'
-                         f'{sys.version_info[1]}')
+                         f'{sys.version_info[1]}-{key}')
   python = os.path.join(env_dir, 'bin', 'python')
   ready = os.path.join(env_dir, 'ready')
   if os.path.exists(ready):
@@ -51,7 +55,6 @@ def _beam_env() -> str:
                  if p.startswith(env_dir)]
   # This environment's packages (and its .pth files: the editable install)
   # after the Beam environment's own, so Beam's pins win.
-  parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
   with open(os.path.join(env_site, 'zz_parent_env.pth'), 'w') as f:
     f.write('import site; ' + '; '.join(
         f'site.addsitedir({p!r})' for p in parents) + '\n')
