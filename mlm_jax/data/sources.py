@@ -274,15 +274,6 @@ def _new_counts() -> dict[str, int]:
   return dict(pages=0, skipped=0, tiny=0, failed=0, kept=0)
 
 
-def _dump_documents(path: str) -> Iterator[str]:
-  counts = _new_counts()
-  for title, text in _dump_pages(path, Position([path]), counts):
-    doc = _clean_page(title, text, counts)
-    if doc is not None:
-      yield doc
-  logging.info('Dump %s: %s', path, counts)
-
-
 def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
             size: int, pos: Position, counts: dict[str, int]
             ) -> Iterator[pieces_lib.Piece]:

@@ -50,7 +50,9 @@ def test_dump_keeps_articles_and_caches(tmp_path, monkeypatch):
   assert docs == [clean, 'Other ' + clean]
   assert len(os.listdir(cache)) == 1  # the temporary file was renamed
   # The second read comes from the cache: the dump is not parsed again.
-  monkeypatch.setattr(sources, '_dump_documents', None)
+  def no_parse(*args):
+    raise AssertionError('the dump was parsed again')
+  monkeypatch.setattr(sources, '_dump_pages', no_parse)
   assert list(sources.documents(str(path), cache_dir=str(cache))) == docs
 
 
