@@ -10,15 +10,16 @@ CPU buffer assignment: close to, not the same as, a TPU's or GPU's.
   python -m mlm_jax.aot --config=configs/bert_base.py --devices=8 \
       --mesh=fsdp=8 --config.model.size=large --config.batch_size=64
 """
-import functools
 import math
-import types
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
+
+from mlm_jax import build
+from mlm_jax import sharding
 
 FLAGS = flags.FLAGS
 
@@ -36,13 +37,6 @@ def _define_flags():
       'vocab_size', 0, 'Vocabulary size; 0: config.data.vocab_size (no '
       'tokenizer or data is read).')
   flags.mark_flags_as_required(['config'])
-
-
-def _fake_tokenizer(vocab_size: int):
-  """What the maskers need of a tokenizer: ids 0-4 special, 4 is [MASK]."""
-  return types.SimpleNamespace(
-      special_ids=(0, 1, 2, 3, 4), mask_id=4, vocab_size=vocab_size,
-      word_start_mask=lambda: np.ones([vocab_size], bool))
 
 
 def apply_mesh_flag(config, text: str):
@@ -67,50 +61,28 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
 
 
 def analyze(config, vocab_size: int) -> dict:
-  """Compiles the train step of `config` on the current devices; its numbers."""
-  # Imported here: the caller sets the device count before jax starts.
-  from mlm_jax import model  # pylint: disable=g-import-not-at-top
-  from mlm_jax import optimizer  # pylint: disable=g-import-not-at-top
-  from mlm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mlm_jax import train  # pylint: disable=g-import-not-at-top
+  """Compiles the train step of `config` on the current devices; its numbers.
 
-  train.validate_config(config)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  mcfg = model.model_config(config, vocab_size)
-  sharding.check_model(mcfg, mesh)
-  tx = optimizer.create(config)
-  masker, rate_fn, _ = train.make_maskers(config, _fake_tokenizer(vocab_size))
-  _, graphdef, abstract_state, state_sharding = train.abstract_init(
-      mcfg, config, tx, mesh)
-  state_in = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, state_sharding)
+  The pjit step whatever config.parallelism says: pmap's is the same step
+  with the state replicated, i.e. the mesh data=N.
+  """
+  config = config.copy_and_resolve_references()
+  config.parallelism = 'pjit'
+  built = build.build(config, build.tokenizer_stub(vocab_size))
   row = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
-                             sharding=sharding.batch_sharding(mesh))
-  step = functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                           masker=masker, rate_fn=rate_fn,
-                           grad_accum_steps=config.grad_accum_steps)
-  jitted = jax.jit(step, in_shardings=(state_sharding,
-                                       sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=0)
-  with jax.set_mesh(mesh):
-    compiled = jitted.lower(state_in, {'input_ids': row,
-                                       'segment_ids': row}).compile()
+                             sharding=sharding.batch_sharding(built.mesh))
+  compiled = built.train_step.lower(
+      built.abstract_state, {'input_ids': row, 'segment_ids': row}).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  params_bytes = _bytes_per_device(abstract_state.params,
-                                   state_sharding.params)
-  opt_bytes = _bytes_per_device(abstract_state.opt_state,
-                                state_sharding.opt_state)
+  abstract, shardings = built.abstract_state, built.state_sharding
   return {
-      'mesh': dict(mesh.shape),
-      'num_params': sum(math.prod(x.shape) for x in
-                        jax.tree.leaves(abstract_state.params)),
-      'params_bytes': params_bytes,
-      'opt_state_bytes': opt_bytes,
+      'mesh': dict(built.mesh.shape),
+      'num_params': built.num_params,
+      'params_bytes': _bytes_per_device(abstract.params, shardings.params),
+      'opt_state_bytes': _bytes_per_device(abstract.opt_state,
+                                           shardings.opt_state),
       'argument_bytes': memory.argument_size_in_bytes,
       'output_bytes': memory.output_size_in_bytes,
       'alias_bytes': memory.alias_size_in_bytes,

@@ -21,18 +21,23 @@ import statistics
 import subprocess
 import tempfile
 import time
-import types
 
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from configs import base
 from mlm_jax import bench_data
+from mlm_jax import build
+from mlm_jax import data
 from mlm_jax import bench_peers as peers
 from mlm_jax import host_memory
 from mlm_jax import masking
 from mlm_jax import metrics
+from mlm_jax import train
+from mlm_jax.data import pipeline
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Rows per batch.')
@@ -200,10 +205,9 @@ def segment_ids_of(ids_BxL: np.ndarray) -> np.ndarray:
   return np.where(ids_BxL == PAD, 0, 1 + np.cumsum(starts_BxL, axis=1))
 
 
-def run_config(size: str, batch: int, seq_len: int, dtype: str = 'float32',
-               attention: str = 'xla', vocab_multiple: int = 1):
+def bench_config(size: str, batch: int, seq_len: int, dtype: str = 'float32',
+                 attention: str = 'xla', vocab_multiple: int = 1):
   """Our run config for a bench shape: the BERT recipe (as HF's), AdamW."""
-  from configs import base  # pylint: disable=g-import-not-at-top
   c = base.get_config()
   c.batch_size, c.seq_len = batch, seq_len
   c.model.size, c.model.dtype = size, dtype
@@ -215,29 +219,10 @@ def run_config(size: str, batch: int, seq_len: int, dtype: str = 'float32',
 
 
 def our_step(config, vocab_size: int, tokenizer=None):
-  """(step(state, batch) -> (state, metrics), to_device, state, model config).
-
-  Exactly what train_and_evaluate builds: the jitted, donating train step
-  with BERT masking inside it.
-  """
-  # pylint: disable=g-import-not-at-top
-  from mlm_jax import model
-  from mlm_jax import optimizer
-  from mlm_jax import sharding
-  from mlm_jax import train
-  # pylint: enable=g-import-not-at-top
-  mesh = sharding.make_mesh(config)
-  mcfg = model.model_config(config, vocab_size)
-  tx = optimizer.create(config)
-  if tokenizer is None:  # token masking needs only these three
-    tokenizer = types.SimpleNamespace(special_ids=SPECIAL_IDS, mask_id=MASK,
-                                      vocab_size=vocab_size)
-  masker, rate_fn, _ = train.make_maskers(config, tokenizer)
-  graphdef, state, state_sharding = train.init_state(mcfg, config, tx, mesh)
-  step, to_device = train.make_train_step(
-      config, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
-      rate_fn=rate_fn)
-  return step, to_device, state, mcfg, masker
+  """(build.Built, a fresh state): exactly what train_and_evaluate builds,
+  the jitted, donating train step with the masking inside it."""
+  built = build.build(config, tokenizer or build.tokenizer_stub(vocab_size))
+  return built, built.init()
 
 
 def _load() -> float:
@@ -272,14 +257,13 @@ def _versions() -> dict:
 
 def train_bench() -> dict:
   """Times full train steps of ours and the peers, side by side."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   batch, seq_len, vocab_size = _BATCH.value, _SEQ.value, _VOCAB_SIZE.value
   names = _CONTENDERS.value
   unknown = set(names) - {'mlm_jax', 'hf_flax', 'hf_torch'}
   if unknown:
     raise app.UsageError(f'Unknown --contenders {sorted(unknown)}.')
-  config = run_config(_MODEL.value, batch, seq_len, _DTYPE.value,
-                      _ATTENTION.value, _VOCAB_MULTIPLE.value)
+  config = bench_config(_MODEL.value, batch, seq_len, _DTYPE.value,
+                        _ATTENTION.value, _VOCAB_MULTIPLE.value)
   config.seed = _SEED.value
   load_before = _load()
   # Every position is a real token, as in packed training data (only a
@@ -288,7 +272,9 @@ def train_bench() -> dict:
                         vocab_size, padded_every=0)
   segment_ids_BxL = segment_ids_of(ids_BxL)
   real_tokens = int(np.count_nonzero(segment_ids_BxL))
-  step, to_device, state, mcfg, masker = our_step(config, vocab_size)
+  built, state = our_step(config, vocab_size)
+  step, to_device = built.train_step, built.to_device
+  mcfg, masker = built.model_config, built.masker
   contenders, flops = {}, {}
   holder = {'state': state}
 
@@ -387,14 +373,9 @@ def e2e_bench() -> dict:
   train.train_and_evaluate for `--warmup` + `--steps` steps, its tokens/s as
   it logs them (log windows after the first, whose steps start cold).
   """
-  # pylint: disable=g-import-not-at-top
-  from mlm_jax import data
-  from mlm_jax import train
-  from mlm_jax.data import pipeline
-  # pylint: enable=g-import-not-at-top
   batch, seq_len, steps = _BATCH.value, _SEQ.value, _STEPS.value
-  config = run_config(_MODEL.value, batch, seq_len, _DTYPE.value,
-                      _ATTENTION.value, _VOCAB_MULTIPLE.value)
+  config = bench_config(_MODEL.value, batch, seq_len, _DTYPE.value,
+                        _ATTENTION.value, _VOCAB_MULTIPLE.value)
   config.seed = _SEED.value
   config.data.source, config.data.vocab_size = 'demo', _DATA_VOCAB.value
   config.data.data_dir = _DATA_DIR.value
@@ -405,8 +386,9 @@ def e2e_bench() -> dict:
              for i in range(len(source)))
   packing = real / (len(source) * seq_len)
 
-  step, to_device, state, _, _ = our_step(
-      config, prepared.tokenizer.vocab_size, prepared.tokenizer)
+  built, state = our_step(config, prepared.tokenizer.vocab_size,
+                          prepared.tokenizer)
+  step, to_device = built.train_step, built.to_device
   local = next(pipeline.train_iterator(source, batch, config.seed, 0, 1))
   device_batch = to_device(local)
   batch_tokens = int(np.count_nonzero(local['segment_ids']))

@@ -551,3 +551,47 @@ def mean_span_words(p: float, max_words: int) -> float:
   """Mean span length in words under `span_length_probs`."""
   probs = span_length_probs(p, max_words)
   return float(np.sum(probs * np.arange(1, max_words + 1)))
+
+
+def from_config(config, tokenizer):
+  """(train masker, train rate schedule, eval masker) of a run config."""
+  m = config.mask
+  top_rate = max(m.rate, m.final_rate if m.schedule != 'constant' else 0.0)
+  common = dict(
+      special_ids=tuple(tokenizer.special_ids), mask_id=tokenizer.mask_id,
+      vocab_size=tokenizer.vocab_size, strategy=m.strategy,
+      mask_prob=m.mask_prob, random_prob=m.random_prob,
+      word_start_V=(tokenizer.word_start_mask() if m.strategy != 'token'
+                    else None),
+      span_p=m.span_p, span_max_words=m.span_max_words)
+  train_masker = Masker(
+      max_predictions=m.max_predictions or
+      static_max_predictions(config.seq_len, top_rate), **common)
+  eval_masker = Masker(
+      max_predictions=static_max_predictions(config.seq_len,
+                                                     m.eval_rate), **common)
+  rate_fn = functools.partial(rate_at, schedule=m.schedule,
+                              rate=m.rate, final_rate=m.final_rate,
+                              num_steps=config.num_steps)
+  return train_masker, rate_fn, eval_masker
+
+
+def check_config(config):
+  """The mask.* checks of a run config: clear errors before any work."""
+  for key in ('rate', 'final_rate', 'eval_rate'):
+    if not 0.0 < config.mask[key] < 1.0:
+      raise ValueError(f'mask.{key}={config.mask[key]} must be in (0, 1).')
+  check_strategy(config.mask.strategy)  # raises, naming the choices
+  rate_at(0, schedule=config.mask.schedule, rate=0.1, final_rate=0.1,
+          num_steps=1)  # raises on an unknown schedule
+  if config.mask.mask_prob + config.mask.random_prob > 1.0:
+    raise ValueError('mask.mask_prob + mask.random_prob must be <= 1, got '
+                     f'{config.mask.mask_prob} + {config.mask.random_prob}.')
+  top_rate = max(config.mask.rate, config.mask.final_rate
+                 if config.mask.schedule != 'constant' else 0.0)
+  needed = static_max_predictions(config.seq_len, top_rate)
+  if config.mask.max_predictions and config.mask.max_predictions < needed:
+    raise ValueError(
+        f'mask.max_predictions={config.mask.max_predictions} is below '
+        f'floor(max rate * seq_len + 0.5)={needed}, so rows would be truncated; set it '
+        f'to 0 (automatic) or >= {needed}.')

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import steps
 from mlm_jax import train
 import tiny
 
@@ -27,7 +28,7 @@ SETTINGS = dict(batch_size=8, seed=0, seq_len=32, source='demo',
 def _state(step, n=4096):
   """A TrainState of random arrays (incompressible: each in an array file)."""
   value = jax.random.normal(jax.random.key(step), (n,))
-  return train.TrainState(step=jnp.int32(step), params={'w': value},
+  return steps.TrainState(step=jnp.int32(step), params={'w': value},
                           opt_state={'mu': value + 1},
                           rng=jnp.zeros(2, jnp.uint32))
 

@@ -4,14 +4,14 @@ import importlib
 import pytest
 
 from configs import base
-from mlm_jax import train
+from mlm_jax import build
 
 
 @pytest.mark.parametrize('name', ['cpu', 'bert_base', 'tpu_v4', 'gpu_h100',
                                   'modern'])
 def test_config_is_valid_and_declares_nothing_new(name):
   c = importlib.import_module(f'configs.{name}').get_config()
-  train.validate_config(c)
+  build.validate(c)
 
   def keys(d, prefix=''):
     out = set()

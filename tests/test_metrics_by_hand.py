@@ -18,11 +18,13 @@ import optax
 import pytest
 
 from configs import base
+from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
+from mlm_jax import steps
 from mlm_jax import train
 
 V, L, K = 16, 8, 3
@@ -119,7 +121,7 @@ def _check(got, want, names=None):
 
 def test_mlm_metrics_count_only_real_slots_of_each_kind():
   logits = _hand_logits()
-  got = train.mlm_metrics(jnp.asarray(logits), _masked(),
+  got = steps.mlm_metrics(jnp.asarray(logits), _masked(),
                           jnp.asarray(_cross_entropy(logits), jnp.float32),
                           baseline_id=BASELINE)
   # By hand: 8 real slots (3 [MASK], 2 random, 3 kept); right at 5 of them.
@@ -145,7 +147,7 @@ def test_mlm_metrics_count_only_real_slots_of_each_kind():
 
 
 def test_mask_telemetry_by_hand():
-  got = train.mask_telemetry(_masked(), SPECIALS)
+  got = steps.mask_telemetry(_masked(), SPECIALS)
   want = {
       'mask_rate': (8, 14),       # predictions / maskable tokens (5+3+0+6)
       'frac_mask': (3, 8),        # of the predictions
@@ -191,7 +193,7 @@ def tiny():
                  attention_dropout_rate=0.0)
   mcfg = model.model_config(c, V)
   tx = optimizer.create(c)
-  graphdef, state, _ = train.init_state(mcfg, c, tx, sharding.make_mesh(c))
+  graphdef, state, _ = build.init_state(mcfg, c, tx, sharding.make_mesh(c))
   batch = {'input_ids': jnp.asarray(IDS_BxL),
            'segment_ids': jnp.asarray(SEGMENTS_BxL)}
   return graphdef, tx, state, batch
@@ -209,7 +211,7 @@ def _model_logits(graphdef, params):
 def test_train_step_reports_the_hand_values(tiny, accum):
   graphdef, tx, state, batch = tiny
   step = jax.jit(functools.partial(
-      train.train_step, graphdef=graphdef, tx=tx, masker=_HandMasker(),
+      steps.train_step, graphdef=graphdef, tx=tx, masker=_HandMasker(),
       rate_fn=lambda _: 0.15, grad_accum_steps=accum))
   logits = _model_logits(graphdef, state.params)
   _, m = step(state, batch)
@@ -247,7 +249,7 @@ def test_train_step_reports_the_hand_values(tiny, accum):
 
 def test_eval_step_reports_the_hand_values(tiny):
   graphdef, _, state, batch = tiny
-  fn = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
+  fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                  masker=_HandMasker(), rate=0.15,
                                  baseline_id=BASELINE))
   m = fn(state.params, batch, jax.random.key(0))
@@ -267,7 +269,7 @@ def test_configured_masker_predicts_round_rate_n_per_row_split_80_10_10():
   c.seq_len, c.num_steps = 64, 10
   tok = types.SimpleNamespace(special_ids=SPECIALS, mask_id=MASK_ID,
                               vocab_size=1000)
-  masker, rate_fn, eval_masker = train.make_maskers(c, tok)
+  masker, rate_fn, eval_masker = masking.from_config(c, tok)
   rng = np.random.default_rng(1)
   ids = rng.integers(5, 1000, (512, 64)).astype(np.int32)
   ids[:, 0] = CLS

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from configs import base
+from mlm_jax import build
+from mlm_jax import masking
 from mlm_jax import model
+from mlm_jax import steps
 
 
 def _cfg(**kw):
@@ -385,7 +388,7 @@ _VARIANTS = {
 @pytest.mark.parametrize('name', sorted(_VARIANTS))
 def test_every_variant_trains_and_its_loss_falls(name):
   import functools  # pylint: disable=g-import-not-at-top
-  from mlm_jax import masking, optimizer, sharding, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from mlm_jax import optimizer, sharding  # pylint: disable=g-import-not-at-top,g-multiple-import
   v = 64
   c = base.get_config()
   c.num_steps, c.warmup_steps, c.learning_rate = 100, 10, 1e-2
@@ -398,8 +401,8 @@ def test_every_variant_trains_and_its_loss_falls(name):
   tx = optimizer.create(c)
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=v, max_predictions=4)
-  graphdef, state, _ = train.init_state(mcfg, c, tx, sharding.make_mesh(c))
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+  graphdef, state, _ = build.init_state(mcfg, c, tx, sharding.make_mesh(c))
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    masker=masker, rate_fn=lambda _: 0.25))
   rng = np.random.default_rng(0)
   ids = rng.integers(5, v, (8, 16)).astype(np.int32)

@@ -14,11 +14,11 @@ import optax
 import pytest
 
 from configs import base
+from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
-from mlm_jax import train
 
 V = 64
 # float32 sums in another order (sharded reductions, psum, micro-batches):
@@ -70,8 +70,8 @@ def _train(c, batches, devices=None, tx=None):
   mcfg = model.model_config(c, V)
   sharding.check_model(mcfg, mesh)
   tx = tx or optimizer.create(c)
-  graphdef, state, state_sharding = train.init_state(mcfg, c, tx, mesh)
-  step, to_device = train.make_train_step(
+  graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
+  step, to_device = build.make_train_step(
       c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
       rate_fn=lambda _: 0.3)
   losses, grad_norms = [], []
@@ -117,7 +117,7 @@ def test_meshes_match_one_device(mesh):
 
 def test_fsdp_shards_params_and_optimizer_state():
   c = _config(data=1, fsdp=8)
-  _, state, _ = train.init_state(model.model_config(c, V), c,
+  _, state, _ = build.init_state(model.model_config(c, V), c,
                                  optimizer.create(c), sharding.make_mesh(c))
   kernel = state.params['encoder']['blocks'][0]['mlp_in']['kernel'][...]
   assert kernel.sharding.spec == P('fsdp', 'tensor')
@@ -195,8 +195,8 @@ def _grad_norms_over_keys(rate, keys=32, **overrides):
   mesh = sharding.make_mesh(c, jax.devices()[:1] if one else None)
   mcfg = model.model_config(c, V)
   tx = optimizer.create(c)
-  graphdef, state, state_sharding = train.init_state(mcfg, c, tx, mesh)
-  step, to_device = train.make_train_step(
+  graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
+  step, to_device = build.make_train_step(
       c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
       rate_fn=lambda _: 0.3)
   batch = _batches(1, 32, seed=1)[0]

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = textwrap.dedent("""
     import numpy as np
     from configs import base
-    from mlm_jax import masking, model, optimizer, sharding, train
+    from mlm_jax import build, masking, model, optimizer, sharding
     c = base.get_config()
     c.seq_len, c.batch_size = 16, 8
     c.model.update(size='tiny', num_layers=1, hidden_dim=32, num_heads=4,
@@ -27,10 +27,10 @@ _CHILD = textwrap.dedent("""
     mesh = sharding.make_mesh(c)
     mcfg = model.model_config(c, 64)
     tx = optimizer.create(c)
-    graphdef, state, state_sharding = train.init_state(mcfg, c, tx, mesh)
+    graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
     masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                             vocab_size=64, max_predictions=4)
-    step, to_device = train.make_train_step(
+    step, to_device = build.make_train_step(
         c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
         rate_fn=lambda _: 0.15)
     ids = np.random.default_rng(0).integers(5, 64, (8, 16)).astype(np.int32)

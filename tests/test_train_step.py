@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
+from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import metrics
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
-from mlm_jax import train
+from mlm_jax import steps
 
 V = 64
 
@@ -28,7 +29,7 @@ def _setup(num_steps=150):
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=V, max_predictions=4)
   mesh = sharding.make_mesh(c)
-  graphdef, state, _ = train.init_state(mcfg, c, tx, mesh)
+  graphdef, state, _ = build.init_state(mcfg, c, tx, mesh)
   return c, graphdef, tx, masker, state, mesh
 
 
@@ -41,7 +42,7 @@ def _batch(seed=0):
 
 def test_loss_falls_on_a_repeated_batch():
   _, graphdef, tx, masker, state, _ = _setup()
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    masker=masker, rate_fn=lambda _: 0.25))
   batch = _batch()
   losses = []
@@ -56,7 +57,7 @@ def test_loss_falls_on_a_repeated_batch():
 def test_metrics_are_sums_and_weights():
   _, graphdef, tx, masker, state, _ = _setup()
   # Jitted: op by op, the step takes about a minute on 2 cores.
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    masker=masker, rate_fn=lambda _: 0.25))
   _, m = step(state, _batch())
   # 8 rows x 15 maskable tokens x 0.25 -> round(3.75) = 4 predictions per row.
@@ -76,7 +77,7 @@ def test_metrics_are_sums_and_weights():
 
 def test_eval_step_is_deterministic_and_reports_the_baseline():
   _, graphdef, _, masker, state, _ = _setup()
-  fn = jax.jit(functools.partial(train.eval_step, graphdef=graphdef,
+  fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                  masker=masker, rate=0.25, baseline_id=7))
   batch = _batch(1)
   # Token 7 in every other position, so the baseline hits often.

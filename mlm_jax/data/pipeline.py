@@ -75,3 +75,12 @@ def eval_batches(source: Sequence[Batch], global_batch_size: int,
       lambda i: source[i] if i < n else pad)
   ds = _shares(ds, global_batch_size, process_index, process_count)
   return iter(ds.to_iter_dataset(_READ))
+
+
+def most_frequent_token(source, special_ids, max_rows: int = 4096) -> int:
+  """The most frequent non-special token in (a spread sample of) the source."""
+  idx = np.linspace(0, len(source) - 1, min(len(source), max_rows)).astype(int)
+  ids = np.concatenate([np.asarray(source[int(i)]['input_ids']) for i in idx])
+  counts = np.bincount(ids.ravel())
+  counts[[s for s in special_ids if s < len(counts)]] = 0
+  return int(np.argmax(counts))

@@ -27,6 +27,7 @@ import sentencepiece as spm
 
 # The model, masking and packing code rely on these ids; load() checks them.
 SPECIALS = {'[PAD]': 0, '[UNK]': 1, '[CLS]': 2, '[SEP]': 3, '[MASK]': 4}
+SPECIAL_IDS = tuple(SPECIALS.values())
 # SentencePiece trains on a sample of this many lines (paragraphs) of a big
 # corpus: about 0.5 GB of Wikipedia text, a few GB of trainer memory.
 MAX_TRAIN_LINES = 1_000_000
