@@ -27,6 +27,9 @@ import time
 
 from absl import flags
 
+from mlm_jax.data import sources
+from mlm_jax.data import tokenizer as tokenizer_lib
+
 _MB = flags.DEFINE_float('data_mb', 100, 'data: corpus size per format, in MB '
                          'of uncompressed text (XML for the dump).')
 _FORMATS = flags.DEFINE_list('data_formats', ['text', 'xml', 'jsonl',
@@ -67,7 +70,6 @@ print('RESULT ' + json.dumps(dict(seconds=seconds, cpu_s=main + workers,
 def _demo_pages() -> list[tuple[str, str]]:
   """(title, wikitext) of the excerpt's articles."""
   import xml.etree.ElementTree as ET  # pylint: disable=g-import-not-at-top
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   pages = []
   with bz2.open(sources._demo_path()) as f:  # pylint: disable=protected-access
     for _, elem in ET.iterparse(f):
@@ -104,7 +106,6 @@ def _mark(copy: int, text: str) -> str:
 
 def make_corpus(fmt: str, size_mb: float, root: str) -> str:
   """Writes the corpus of `fmt` (once; reused if there) and returns its path."""
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   size = int(size_mb * 1e6)
   ext = {'text': 'txt', 'xml': 'xml.bz2', 'jsonl': 'jsonl.gz',
          'parquet': 'parquet'}[fmt]
@@ -147,7 +148,6 @@ def _uncompressed_mb(fmt: str, path: str) -> float:
       return sum(len(b) for b in iter(lambda: f.read(1 << 24), b'')) / 1e6
   if fmt == 'text':
     return os.path.getsize(path) / 1e6
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   return sum(len(d) for d in sources.documents(path)) / 1e6
 
 
@@ -185,8 +185,6 @@ def build(config: dict, env: dict) -> dict:
 
 
 def data_bench() -> dict:
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from mlm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   root = _ROOT.value
   os.makedirs(root, exist_ok=True)
   tok_path = os.path.join(root, f'sp-demo-{_VOCAB}.model')

@@ -9,10 +9,15 @@ imported inside the functions: they come with the `bench` extra.
 import os
 import tempfile
 
+import flax
+from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mlm_jax import hf
+from mlm_jax import optimizer
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 SPECIAL_IDS = tuple(tokenizer_lib.SPECIALS.values())
@@ -50,14 +55,7 @@ def hf_flax_step(config, mcfg):
   scales), the loss over labels > 0, the gradient divided by the label
   count; jit with the state donated (the script pmaps over 1 device here).
   """
-  # pylint: disable=g-import-not-at-top
-  import flax
-  from flax.training import train_state
-  import jax.numpy as jnp
-  import optax
-  import transformers
-  from mlm_jax import optimizer
-  # pylint: enable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   hf_model = transformers.FlaxBertForMaskedLM(
       hf.bert_config(mcfg), seed=config.seed, dtype=getattr(jnp, mcfg.dtype))
 

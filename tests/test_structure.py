@@ -1,0 +1,186 @@
+"""The shape of the house: floors of modules, no circles, the walk of config.
+
+Every module of the package sits on a floor (FLOORS, bottom first); a module
+imports only modules on its own floor or below, and no two modules import
+each other, directly or round a loop. A new module gets a floor here.
+
+The walk of `config`: during one real (tiny) training run, the functions of
+the package that receive the run's config, or one of its sections
+(config.model, config.data, ...), as an argument, in the order they are
+first called. A *climb* is a step of that walk into a module on a higher
+floor than the one before: the path went down and had to come back up.
+Before the redesign (13daba1) the walk was 29 stops in 12 files with 6
+climbs (issue 17, "Why"); CLIMBS_AT_MOST is what it must stay within.
+"""
+import ast
+import collections
+import glob
+import os
+import sys
+
+import ml_collections
+
+from mlm_jax import train
+import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Bottom first. `mlm_jax.data` is one floor: its modules are layered inside.
+FLOORS = (
+    # 0: foundations, no import from the package.
+    ('mlm_jax', 'mlm_jax.host_memory', 'mlm_jax.metrics', 'mlm_jax.optimizer',
+     'mlm_jax.plot', 'mlm_jax.preemption', 'mlm_jax.sharding',
+     'mlm_jax.model_config', 'mlm_jax.layers', 'mlm_jax.masking',
+     'mlm_jax.masking.*'),
+    # 1: the data package and the encoder.
+    ('mlm_jax.data', 'mlm_jax.data.*', 'mlm_jax.attention'),
+    ('mlm_jax.model',),
+    # 3: what a run is made of: its steps, its checkpoints, HF weights.
+    ('mlm_jax.steps', 'mlm_jax.checkpoint', 'mlm_jax.hf'),
+    ('mlm_jax.run_dir', 'mlm_jax.build'),
+    ('mlm_jax.train', 'mlm_jax.labelled'),
+    # 6: the command-line tools.
+    ('mlm_jax.main', 'mlm_jax.aot', 'mlm_jax.bench', 'mlm_jax.bench_data',
+     'mlm_jax.bench_peers', 'mlm_jax.bench_quality',
+     'mlm_jax.bench_quality_peers', 'mlm_jax.chaos', 'mlm_jax.convert',
+     'mlm_jax.fill_mask', 'mlm_jax.finetune'),
+)
+CLIMBS_AT_MOST = 3
+
+
+def _floor(module: str) -> int:
+  for i, names in enumerate(FLOORS):
+    for name in names:
+      if module == name or (name.endswith('.*') and
+                            module.startswith(name[:-1])):
+        return i
+  raise AssertionError(f'{module} has no floor: add it to FLOORS in '
+                       f'{__file__}.')
+
+
+def _modules() -> dict[str, set[str]]:
+  """{module: the package modules it imports} of every file in mlm_jax/."""
+  out = {}
+  for path in glob.glob(os.path.join(ROOT, 'mlm_jax', '**', '*.py'),
+                        recursive=True):
+    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, '.')
+    name = name.removesuffix('.__init__')
+    out[name] = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module and (
+          node.module.split('.')[0] in ('mlm_jax', 'configs')):
+        for alias in node.names:
+          full = f'{node.module}.{alias.name}'
+          is_module = os.path.exists(os.path.join(
+              ROOT, *full.split('.')) + '.py') or os.path.isdir(
+                  os.path.join(ROOT, *full.split('.')))
+          out[name].add(full if is_module else node.module)
+      elif isinstance(node, ast.Import):
+        out[name].update(a.name for a in node.names
+                         if a.name.split('.')[0] in ('mlm_jax', 'configs'))
+    out[name].discard(name)
+  return out
+
+
+def test_every_import_goes_down_or_across_never_up():
+  up = []
+  for module, deps in _modules().items():
+    if module.endswith('__main__'):
+      continue
+    for dep in deps:
+      if dep.startswith('mlm_jax') and _floor(dep) > _floor(module):
+        up.append(f'{module} (floor {_floor(module)}) imports {dep} '
+                  f'(floor {_floor(dep)})')
+  assert not up, '\n'.join(up)
+
+
+def test_no_circle_of_imports():
+  graph = {m: {d for d in deps if d.startswith('mlm_jax')}
+           for m, deps in _modules().items()}
+  # A package imports its modules' names through __init__: not a circle.
+  done, stack, circles = set(), [], []
+
+  def visit(m):
+    if m in stack:
+      circles.append(stack[stack.index(m):] + [m])
+      return
+    if m in done:
+      return
+    stack.append(m)
+    for d in sorted(graph.get(m, ())):
+      if not m.startswith(d + '.'):  # a module importing its own package
+        visit(d)
+    stack.pop()
+    done.add(m)
+
+  for m in sorted(graph):
+    visit(m)
+  assert not circles, circles
+
+
+def test_configs_import_nothing_of_the_package():
+  offenders = []
+  for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
+    for node in ast.walk(ast.parse(open(path).read())):
+      names = ([node.module or ''] if isinstance(node, ast.ImportFrom) else
+               [a.name for a in node.names] if isinstance(node, ast.Import)
+               else [])
+      offenders += [f'{os.path.basename(path)}: {n}' for n in names
+                    if n.split('.')[0] == 'mlm_jax']
+  assert not offenders, offenders
+
+
+def config_walk(run) -> list[tuple[str, str]]:
+  """[(module, function)] that get the config (or a section) while run()
+  runs, in order of their first call."""
+  sections = {}
+
+  def trace(frame, event, arg):
+    del arg
+    if event != 'call' or '/mlm_jax/' not in frame.f_code.co_filename:
+      return
+    code = frame.f_code
+    n = code.co_argcount + code.co_kwonlyargcount
+    if any(id(frame.f_locals.get(a)) in sections for a in code.co_varnames[:n]):
+      path = os.path.relpath(code.co_filename, ROOT)[:-3]
+      stop = (path.replace(os.sep, '.').removesuffix('.__init__'),
+              code.co_name)
+      walk.setdefault(stop, None)
+
+  walk = {}
+
+  def track(config):
+    sections[id(config)] = config
+    for value in config.values():
+      if isinstance(value, ml_collections.ConfigDict):
+        track(value)
+
+  config = run.__defaults__[0]
+  track(config)
+  previous = sys.getprofile()
+  sys.setprofile(trace)
+  try:
+    run()
+  finally:
+    sys.setprofile(previous)
+  return list(walk)
+
+
+def climbs(walk) -> list[tuple]:
+  return [(a, b) for a, b in zip(walk, walk[1:])
+          if _floor(b[0]) > _floor(a[0])]
+
+
+def test_the_walk_of_config_through_a_run_rarely_climbs(data_dir, tmp_path):
+  def run(config=tiny.config(data_dir, num_steps=2, eval_every=2,
+                             checkpoint_every=2)):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+  walk = config_walk(run)
+  files = collections.Counter(module for module, _ in walk)
+  print(f'walk of config: {len(walk)} stops in {len(files)} files, '
+        f'{len(climbs(walk))} climbs:')
+  for module, function in walk:
+    print(f'  {_floor(module)} {module}.{function}')
+  assert ('mlm_jax.build', 'build') in walk  # the walk is really traced
+  assert len(climbs(walk)) <= CLIMBS_AT_MOST, climbs(walk)
