@@ -68,7 +68,7 @@ def analyze(config, vocab_size: int) -> dict:
   """
   config = config.copy_and_resolve_references()
   config.parallelism = 'pjit'
-  built = build.build(config, build.tokenizer_stub(vocab_size))
+  built = build.build(config, vocab_size=vocab_size)
   row = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
                              sharding=sharding.batch_sharding(built.mesh))
   compiled = built.train_step.lower(

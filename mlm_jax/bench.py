@@ -221,7 +221,7 @@ def bench_config(size: str, batch: int, seq_len: int, dtype: str = 'float32',
 def our_step(config, vocab_size: int, tokenizer=None):
   """(build.Built, a fresh state): exactly what train_and_evaluate builds,
   the jitted, donating train step with the masking inside it."""
-  built = build.build(config, tokenizer or build.tokenizer_stub(vocab_size))
+  built = build.build(config, tokenizer=tokenizer, vocab_size=vocab_size)
   return built, built.init()
 
 

@@ -1,19 +1,21 @@
 """One build of a run: what training, AOT analysis and the benchmarks share.
 
-`build(config, tokenizer)` checks the config, then makes, in this order, the
-mesh, the model config, the optimizer, the maskers, the abstract train state
-with its shardings, and the jitted train and eval steps:
+`build(config)` checks the config and the mesh, then makes, in this order,
+the tokenizer (with the packed data, through data.prepare), the model
+config, the optimizer, the maskers, the abstract train state with its
+shardings, and the jitted train and eval steps:
 
-  built = build.build(config, tokenizer)
+  built = build.build(config)               # or tokenizer=..., vocab_size=N
   state = built.init()                      # the sharded TrainState
   state, metrics = built.train_step(state, built.to_device(local_batch))
   metrics = built.eval_step(state.params, built.to_global(local_batch), key)
 
 Nothing is allocated until `built.init()` runs (a resume reads a checkpoint
-straight into `built.abstract_state` instead), and nothing is compiled until a
-step is first called or lowered.
+straight into `built.abstract_state` instead), and nothing is compiled until
+a step is first called or lowered.
 
-Must not: read data, touch a workdir, run a step, or hold the loop's state.
+Must not: touch a workdir, read checkpoints, run a step, or hold the loop's
+state; its helpers take values, not the config (the config is read here).
 """
 import dataclasses
 import functools
@@ -27,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlm_jax import data as data_lib
 from mlm_jax import masking
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import sharding
 from mlm_jax import steps
+from mlm_jax.data import pipeline
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 
@@ -40,6 +44,7 @@ class Built:
   """Everything a run needs before its first step (see the module docstring)."""
   config: Any
   tokenizer: Any
+  data: data_lib.Prepared | None  # the packed splits, if build prepared them
   mesh: jax.sharding.Mesh
   model_config: model.ModelConfig
   tx: optax.GradientTransformationExtraArgs
@@ -92,15 +97,6 @@ def validate(config):
   optimizer.create(config)  # grad_clip_norm
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  """The mesh of `config` on this run's devices, checked against the batch
-  and the model's tensor-parallel dimensions."""
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  sharding.check_model(model.model_config(config, vocab_size=1), mesh)
-  return mesh
-
-
 def tokenizer_stub(vocab_size: int):
   """What the maskers read of a tokenizer, for runs without one (AOT, bench):
   the standard special ids, [MASK], and every token starting a word."""
@@ -110,7 +106,7 @@ def tokenizer_stub(vocab_size: int):
       word_start_mask=lambda: np.ones([vocab_size], bool))
 
 
-def abstract_state(mcfg, config, tx, mesh):
+def abstract_state(mcfg, seed: int, tx, mesh):
   """(init function, graphdef, abstract state, state shardings); no memory.
 
   The abstract state's leaves are ShapeDtypeStructs with their shardings.
@@ -118,7 +114,7 @@ def abstract_state(mcfg, config, tx, mesh):
   one sharding from the rules table, so FSDP shards both; counters and the
   RNG are replicated.
   """
-  params_key, train_key = jax.random.split(jax.random.key(config.seed))
+  params_key, train_key = jax.random.split(jax.random.key(seed))
 
   def init():
     params = nnx.split(model.create(mcfg, params_key), nnx.Param)[1]
@@ -144,25 +140,25 @@ def abstract_state(mcfg, config, tx, mesh):
   return init, graphdef, shapes, state_sharding
 
 
-def init_state(mcfg, config, tx, mesh):
+def init_state(mcfg, seed: int, tx, mesh):
   """(graphdef, sharded state, state shardings), built without a host copy."""
-  init, graphdef, _, state_sharding = abstract_state(mcfg, config, tx, mesh)
+  init, graphdef, _, state_sharding = abstract_state(mcfg, seed, tx, mesh)
   return graphdef, jax.jit(init, out_shardings=state_sharding)(), state_sharding
 
 
-def make_train_step(config, mesh, state_sharding, **static):
-  """(step function, local batch -> its device input) for config.parallelism.
+def make_train_step(mesh, state_sharding, *, parallelism: str = 'pjit',
+                    grad_accum_steps: int = 1, **static):
+  """(step function, local batch -> its device input) for `parallelism`.
 
   `static` (graphdef, tx, masker, rate_fn) is bound into `steps.train_step`
-  with config.grad_accum_steps. Both modes run the same pure step: 'pjit' jits it over the whole mesh with the
+  with `grad_accum_steps`. Both modes run the same pure step: 'pjit' jits it over the whole mesh with the
   state and batch shardings (activations pinned by the model's logical
   constraints under `jax.set_mesh`); 'pmap' maps it over the devices with
   the state replicated and gradients psummed.
   """
   step_fn = functools.partial(steps.train_step,
-                              grad_accum_steps=config.grad_accum_steps,
-                              **static)
-  if config.parallelism == 'pmap':
+                              grad_accum_steps=grad_accum_steps, **static)
+  if parallelism == 'pmap':
     return (sharding.pmap_step(step_fn),
             functools.partial(sharding.pmap_batch, mesh=mesh))
   jitted = jax.jit(step_fn, in_shardings=(state_sharding,
@@ -189,23 +185,41 @@ class _UnderMesh:
       return self.jitted.lower(*args)
 
 
-def build(config, tokenizer, *, mesh=None, baseline_id=None) -> Built:
-  """The run of `config` with `tokenizer`, ready for `init()` or a restore.
+def build(config, *, tokenizer=None, vocab_size: int = 0,
+          mesh=None) -> Built:
+  """The run of `config`, ready for `init()` or a restore.
 
-  `mesh`: made from the config when None. `baseline_id`: the token the eval's
-  `baseline_accuracy` guesses (the most frequent one of the training data);
-  without it the eval reports no baseline.
+  The tokenizer: `tokenizer` if given; else, with `vocab_size`, a stub with
+  the standard special ids (AOT, benchmarks on random ids); else the one
+  data.prepare trains or loads for config.data, and then `built.data` holds
+  the packed splits and the eval reports `baseline_accuracy` against the
+  training data's most frequent token. `mesh`: made from the config if None.
+  Every check of the config and the mesh runs before any data work.
   """
   validate(config)
-  mesh = make_mesh(config) if mesh is None else mesh
+  if mesh is None:
+    mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+  sharding.check_model(model.model_config(config, vocab_size=1), mesh)
+  prepared, baseline_id = None, None
+  if tokenizer is None and vocab_size:
+    tokenizer = tokenizer_stub(vocab_size)
+  elif tokenizer is None:
+    prepared = data_lib.prepare(config.data, config.seq_len)
+    tokenizer = prepared.tokenizer
+    baseline_id = pipeline.most_frequent_token(prepared.train_source,
+                                               tokenizer.special_ids)
+    logging.info('Most frequent training token: %r (id %d), the eval '
+                 'baseline.', tokenizer.id_to_piece(baseline_id), baseline_id)
   mcfg = model.model_config(config, tokenizer.vocab_size)
   tx = optimizer.create(config)
   masker, rate_fn, eval_masker = masking.from_config(config, tokenizer)
-  init, graphdef, shapes, state_sharding = abstract_state(mcfg, config, tx,
-                                                          mesh)
+  init, graphdef, shapes, state_sharding = abstract_state(mcfg, config.seed,
+                                                          tx, mesh)
   train_step, to_device = make_train_step(
-      config, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
-      rate_fn=rate_fn)
+      mesh, state_sharding, parallelism=config.parallelism,
+      grad_accum_steps=config.grad_accum_steps, graphdef=graphdef, tx=tx,
+      masker=masker, rate_fn=rate_fn)
   eval_step = jax.jit(
       functools.partial(steps.eval_step, graphdef=graphdef,
                         masker=eval_masker, rate=config.mask.eval_rate,
@@ -214,9 +228,10 @@ def build(config, tokenizer, *, mesh=None, baseline_id=None) -> Built:
                     None),
       out_shardings=sharding.replicated(mesh))
   built = Built(
-      config=config, tokenizer=tokenizer, mesh=mesh, model_config=mcfg, tx=tx,
-      masker=masker, rate_fn=rate_fn, eval_masker=eval_masker,
-      graphdef=graphdef, abstract_state=shapes, state_sharding=state_sharding,
+      config=config, tokenizer=tokenizer, data=prepared, mesh=mesh,
+      model_config=mcfg, tx=tx, masker=masker, rate_fn=rate_fn,
+      eval_masker=eval_masker, graphdef=graphdef, abstract_state=shapes,
+      state_sharding=state_sharding,
       init=jax.jit(init, out_shardings=state_sharding),
       train_step=train_step, to_device=to_device, eval_step=eval_step,
       to_global=functools.partial(sharding.global_batch, mesh=mesh))

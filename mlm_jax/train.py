@@ -21,7 +21,6 @@ import numpy as np
 
 from mlm_jax import build
 from mlm_jax import checkpoint
-from mlm_jax import data
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import optimizer
 from mlm_jax import preemption
@@ -61,9 +60,9 @@ def _write_config(config, workdir: str):
   os.replace(path + '.tmp', path)
 
 
-def _peak_flops(config, built) -> float | None:
+def _peak_flops(built) -> float | None:
   """All devices' peak FLOP/s for MFU: the table's, or a measured CPU matmul."""
-  peak = metrics_lib.peak_flops_per_device(config.peak_tflops_per_device,
+  peak = metrics_lib.peak_flops_per_device(built.config.peak_tflops_per_device,
                                            built.model_config.dtype)
   if peak is not None or jax.default_backend() != 'cpu':
     return peak and peak * jax.device_count()
@@ -76,10 +75,11 @@ def _peak_flops(config, built) -> float | None:
   return total
 
 
-def _evaluate(config, built, eval_source, params) -> dict:
+def _evaluate(built, params) -> dict:
   """Eval metrics over the validation split (or its first eval_batches)."""
+  config = built.config
   key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
-  batches = pipeline.eval_batches(eval_source, config.batch_size,
+  batches = pipeline.eval_batches(built.data.eval_source, config.batch_size,
                                   jax.process_index(), jax.process_count(),
                                   pad_id=built.tokenizer.pad_id)
   sums = None
@@ -96,13 +96,13 @@ class _Reports:
   """Train metrics over windows of steps, reported one step late, and the
   guard that stops a run after a non-finite step (nonfinite='stop')."""
 
-  def __init__(self, config, built, workdir, ckpt, start_step, last_step):
-    self.config, self.built, self.workdir, self.ckpt = (config, built,
+  def __init__(self, built, workdir, ckpt, start_step, last_step):
+    self.config, self.built, self.workdir, self.ckpt = (built.config, built,
                                                         workdir, ckpt)
     self.start_step, self.last_step = start_step, last_step
     self.writer = metrics_lib.Writer(workdir, start_step)
-    self.lr_fn = optimizer.learning_rate_schedule(config)
-    self.peak_total = _peak_flops(config, built)
+    self.lr_fn = optimizer.learning_rate_schedule(built.config)
+    self.peak_total = _peak_flops(built)
     self.sums, self.real_tokens, self.window_steps = None, 0, 0
     self.pending = None  # (step, sums, tokens, steps) of a window
     self.run_start = self.last_fetch = time.time()
@@ -196,8 +196,9 @@ class _Reports:
                  _format_eta(per_step * (self.last_step - step)))
 
 
-def _start(config, built, restored, train_iter):
+def _start(built, restored, train_iter):
   """The state to train from: restored, else fresh (or from init_from)."""
+  config = built.config
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
@@ -222,23 +223,14 @@ def train_and_evaluate(config, workdir: str):
 
 
 def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
-  build.validate(config)
-  mesh = build.make_mesh(config)  # a bad mesh fails before the data work
-  prepared = data.prepare(config.data, config.seq_len)
-  baseline_id = pipeline.most_frequent_token(
-      prepared.train_source, prepared.tokenizer.special_ids)
-  logging.info('Most frequent training token: %r (id %d), the eval baseline.',
-               prepared.tokenizer.id_to_piece(baseline_id), baseline_id)
-  built = build.build(config, prepared.tokenizer, mesh=mesh,
-                      baseline_id=baseline_id)
-
+  built = build.build(config)  # checks, data, model, optimizer, steps
   train_iter = pipeline.train_iterator(
-      prepared.train_source, config.batch_size, config.seed,
+      built.data.train_source, config.batch_size, config.seed,
       jax.process_index(), jax.process_count())
   data_settings = checkpoint.data_settings(config)
   ckpt, restored = checkpoint.resume(config, workdir, built.abstract_state,
                                      data_settings)
-  state = _start(config, built, restored, train_iter)
+  state = _start(built, restored, train_iter)
   _write_config(config, workdir)
   start_step = int(state.step)
   last_step = config.num_steps
@@ -254,7 +246,7 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
     checkpoint.finish(ckpt)
     return state
 
-  reports = _Reports(config, built, workdir, ckpt, start_step, last_step)
+  reports = _Reports(built, workdir, ckpt, start_step, last_step)
   reports.last_saved = start_step if restored is not None else None
   logging.info('Training steps %d..%d, global batch %d x %d on %d devices.',
                start_step, config.num_steps, config.batch_size, config.seq_len,
@@ -271,7 +263,7 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
         reports.end_window(step)
       if step % config.eval_every == 0 or step == config.num_steps:
         reports.evaluate(step, functools.partial(
-            _evaluate, config, built, prepared.eval_source, state.params))
+            _evaluate, built, state.params))
       if (step % config.checkpoint_every == 0 or step == config.num_steps or
           step == last_step or preempted):
         reports.before_save()

@@ -193,7 +193,7 @@ def tiny():
                  attention_dropout_rate=0.0)
   mcfg = model.model_config(c, V)
   tx = optimizer.create(c)
-  graphdef, state, _ = build.init_state(mcfg, c, tx, sharding.make_mesh(c))
+  graphdef, state, _ = build.init_state(mcfg, c.seed, tx, sharding.make_mesh(c))
   batch = {'input_ids': jnp.asarray(IDS_BxL),
            'segment_ids': jnp.asarray(SEGMENTS_BxL)}
   return graphdef, tx, state, batch

@@ -401,7 +401,7 @@ def test_every_variant_trains_and_its_loss_falls(name):
   tx = optimizer.create(c)
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=v, max_predictions=4)
-  graphdef, state, _ = build.init_state(mcfg, c, tx, sharding.make_mesh(c))
+  graphdef, state, _ = build.init_state(mcfg, c.seed, tx, sharding.make_mesh(c))
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    masker=masker, rate_fn=lambda _: 0.25))
   rng = np.random.default_rng(0)

@@ -70,10 +70,11 @@ def _train(c, batches, devices=None, tx=None):
   mcfg = model.model_config(c, V)
   sharding.check_model(mcfg, mesh)
   tx = tx or optimizer.create(c)
-  graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
+  graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
   step, to_device = build.make_train_step(
-      c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
-      rate_fn=lambda _: 0.3)
+      mesh, state_sharding, parallelism=c.parallelism,
+      grad_accum_steps=c.grad_accum_steps, graphdef=graphdef, tx=tx,
+      masker=_MASKER, rate_fn=lambda _: 0.3)
   losses, grad_norms = [], []
   for b in batches:
     state, m = step(state, to_device(b))
@@ -117,7 +118,7 @@ def test_meshes_match_one_device(mesh):
 
 def test_fsdp_shards_params_and_optimizer_state():
   c = _config(data=1, fsdp=8)
-  _, state, _ = build.init_state(model.model_config(c, V), c,
+  _, state, _ = build.init_state(model.model_config(c, V), c.seed,
                                  optimizer.create(c), sharding.make_mesh(c))
   kernel = state.params['encoder']['blocks'][0]['mlp_in']['kernel'][...]
   assert kernel.sharding.spec == P('fsdp', 'tensor')
@@ -195,10 +196,11 @@ def _grad_norms_over_keys(rate, keys=32, **overrides):
   mesh = sharding.make_mesh(c, jax.devices()[:1] if one else None)
   mcfg = model.model_config(c, V)
   tx = optimizer.create(c)
-  graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
+  graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
   step, to_device = build.make_train_step(
-      c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=_MASKER,
-      rate_fn=lambda _: 0.3)
+      mesh, state_sharding, parallelism=c.parallelism,
+      grad_accum_steps=c.grad_accum_steps, graphdef=graphdef, tx=tx,
+      masker=_MASKER, rate_fn=lambda _: 0.3)
   batch = _batches(1, 32, seed=1)[0]
   norms = []
   for k in range(keys):

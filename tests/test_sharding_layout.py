@@ -27,12 +27,13 @@ _CHILD = textwrap.dedent("""
     mesh = sharding.make_mesh(c)
     mcfg = model.model_config(c, 64)
     tx = optimizer.create(c)
-    graphdef, state, state_sharding = build.init_state(mcfg, c, tx, mesh)
+    graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
     masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                             vocab_size=64, max_predictions=4)
     step, to_device = build.make_train_step(
-        c, mesh, state_sharding, graphdef=graphdef, tx=tx, masker=masker,
-        rate_fn=lambda _: 0.15)
+        mesh, state_sharding, parallelism=c.parallelism,
+        grad_accum_steps=c.grad_accum_steps, graphdef=graphdef, tx=tx,
+        masker=masker, rate_fn=lambda _: 0.15)
     ids = np.random.default_rng(0).integers(5, 64, (8, 16)).astype(np.int32)
     batch = {'input_ids': ids, 'segment_ids': np.ones_like(ids)}
     state, m = step(state, to_device(batch))

@@ -25,20 +25,21 @@ import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Bottom first. `mlm_jax.data` is one floor: its modules are layered inside.
+# Bottom first. Floor 0 imports nothing of the package outside itself (the
+# data package and masking are layered inside); each floor above builds on
+# those below.
 FLOORS = (
-    # 0: foundations, no import from the package.
-    ('mlm_jax', 'mlm_jax.host_memory', 'mlm_jax.metrics', 'mlm_jax.optimizer',
-     'mlm_jax.plot', 'mlm_jax.preemption', 'mlm_jax.sharding',
-     'mlm_jax.model_config', 'mlm_jax.layers', 'mlm_jax.masking',
-     'mlm_jax.masking.*'),
-    # 1: the data package and the encoder.
-    ('mlm_jax.data', 'mlm_jax.data.*', 'mlm_jax.attention'),
+    ('mlm_jax', 'mlm_jax.checkpoint', 'mlm_jax.data', 'mlm_jax.data.*',
+     'mlm_jax.host_memory', 'mlm_jax.labelled', 'mlm_jax.layers',
+     'mlm_jax.masking', 'mlm_jax.masking.*', 'mlm_jax.metrics',
+     'mlm_jax.model_config', 'mlm_jax.optimizer', 'mlm_jax.plot',
+     'mlm_jax.preemption', 'mlm_jax.sharding'),
+    ('mlm_jax.attention',),
     ('mlm_jax.model',),
-    # 3: what a run is made of: its steps, its checkpoints, HF weights.
-    ('mlm_jax.steps', 'mlm_jax.checkpoint', 'mlm_jax.hf'),
-    ('mlm_jax.run_dir', 'mlm_jax.build'),
-    ('mlm_jax.train', 'mlm_jax.labelled'),
+    # 3: what a run is made of: its steps, HF's names for its weights.
+    ('mlm_jax.steps', 'mlm_jax.hf'),
+    ('mlm_jax.build', 'mlm_jax.run_dir'),
+    ('mlm_jax.train',),
     # 6: the command-line tools.
     ('mlm_jax.main', 'mlm_jax.aot', 'mlm_jax.bench', 'mlm_jax.bench_data',
      'mlm_jax.bench_peers', 'mlm_jax.bench_quality',

@@ -29,7 +29,7 @@ def _setup(num_steps=150):
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=V, max_predictions=4)
   mesh = sharding.make_mesh(c)
-  graphdef, state, _ = build.init_state(mcfg, c, tx, mesh)
+  graphdef, state, _ = build.init_state(mcfg, c.seed, tx, mesh)
   return c, graphdef, tx, masker, state, mesh
 
 
