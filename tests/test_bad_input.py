@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import steps
 from mlm_jax import train
 import tiny
 
@@ -28,7 +29,7 @@ def never_compiled(monkeypatch):
   """Fails the test if the train step is traced (i.e. compilation started)."""
   def train_step(*args, **kwargs):
     raise AssertionError('the train step was compiled before the error')
-  monkeypatch.setattr(train, 'train_step', train_step)
+  monkeypatch.setattr(steps, 'train_step', train_step)
 
 
 def _copy(trained, tmp_path):
