@@ -145,12 +145,9 @@ def logical_to_mesh(spec, shape=None, mesh=None) -> P:
   return P(*out)
 
 
-def param_shardings(mesh: Mesh, logical_specs, abstract_params=None):
-  """NamedShardings for a tree of logical PartitionSpecs (shapes optional)."""
+def param_shardings(mesh: Mesh, logical_specs, abstract_params):
+  """NamedShardings for a tree of logical PartitionSpecs and its shapes."""
   is_spec = lambda x: isinstance(x, P)
-  if abstract_params is None:
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh(s)),
-                        logical_specs, is_leaf=is_spec)
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, logical_to_mesh(s, x.shape, mesh)),
       logical_specs, abstract_params, is_leaf=is_spec)
