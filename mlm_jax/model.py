@@ -223,8 +223,6 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
   return idx_BxL - start_BxL
 
 
-rope = attention.rope
-
 
 def _lookup(embed: nnx.Embed, ids_BxL: jax.Array) -> jax.Array:
   """Rows of an embedding table, [B, L] -> [B, L, D], batch-sharded.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from mlm_jax import attention
 from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import model
@@ -62,8 +63,8 @@ def test_packed_segments_do_not_see_each_other(bert):
 
 def test_rope_attention_depends_only_on_relative_position():
   x = jax.random.normal(jax.random.key(5), (1, 6, 2, 8))
-  q = model.rope(x, jnp.arange(6)[None], 10_000.0)
-  shifted = model.rope(x, jnp.arange(6)[None] + 11, 10_000.0)
+  q = attention.rope(x, jnp.arange(6)[None], 10_000.0)
+  shifted = attention.rope(x, jnp.arange(6)[None] + 11, 10_000.0)
   np.testing.assert_allclose(jnp.einsum('bqhd,bkhd->bhqk', q, q),
                              jnp.einsum('bqhd,bkhd->bhqk', shifted, shifted),
                              atol=1e-4)
@@ -78,7 +79,7 @@ def test_rope_matches_a_direct_complex_rotation():
   angle = positions[:, :, None, None] * 500.0 ** (-np.arange(half) / half)
   z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angle)
   want = np.concatenate([z.real, z.imag], axis=-1)
-  got = model.rope(jnp.asarray(x), jnp.asarray(positions), 500.0)
+  got = attention.rope(jnp.asarray(x), jnp.asarray(positions), 500.0)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
