@@ -38,6 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mlm_jax import checkpoint
+from mlm_jax import run_dir
 
 # Parsed here so that a typo fails at once; passed on to mlm_jax.main as given.
 _CONFIG = config_flags.DEFINE_config_file(
@@ -146,7 +147,7 @@ def resumed_kills(kills: list[tuple[int, bool]], restored: list) -> int:
 
 
 def _newest_step(workdir: str):
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = run_dir.checkpoints_dir(workdir)
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if (
       os.path.isdir(directory)) else []
   return max(steps, default=None)
@@ -250,8 +251,10 @@ def main(argv):
         'newer checkpoint than the killed run had when it started.',
         flush=True)
 
-  ref_step, ref_state, ref_data = checkpoint.read_latest(reference)
-  got_step, got_state, got_data = checkpoint.read_latest(chaos)
+  ref_step, ref_state, ref_data = checkpoint.read_latest(
+      run_dir.checkpoints_dir(reference))
+  got_step, got_state, got_data = checkpoint.read_latest(
+      run_dir.checkpoints_dir(chaos))
   problems = []
   if ref_step != got_step:
     problems.append(f'final checkpoint steps differ: {ref_step} vs {got_step}')

@@ -12,7 +12,7 @@ against its own index (`verify`: every file the OCDBT manifest and B-tree
 nodes name exists, at least as long as the byte ranges they point to, and the
 JSON metadata parses). A checkpoint with evidence of damage (that check, or a
 read that fails with tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE) is
-moved to `checkpoints.corrupt/` with one warning, never deleted, and the
+moved to the sibling `DIR.corrupt/` with one warning, never deleted, and the
 previous one is tried. Any other error (storage unavailable, out of memory,
 a sharding the mesh cannot take) stops the run and moves nothing: a
 transient failure must not walk back through a run's checkpoints. Checking
@@ -27,6 +27,10 @@ differences and leaves the checkpoint untouched.
 
 Params-only checkpoints (`save_params`/`restore_params`) carry weights
 between runs, e.g. from a converted Hugging Face model (`init_from`).
+
+Must not: know where a run keeps its checkpoints (each function takes the
+checkpoints directory; run_dir.py has the layout) or compute the data
+settings it checks (the caller gives them).
 """
 import contextlib
 import json
@@ -42,9 +46,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mlm_jax.data import sources
-
-CORRUPT_DIR = 'checkpoints.corrupt'
+# Damaged checkpoints of DIR are set aside in DIR + CORRUPT_SUFFIX.
+CORRUPT_SUFFIX = '.corrupt'
 # tensorstore status codes (the prefix of its error messages) that mean the
 # bytes on disk are damaged or gone, not that reading them failed.
 _DAMAGE_CODES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE')
@@ -75,14 +78,15 @@ def quiet_orbax_logs():
   logging.get_absl_logger().addFilter(_not_orbax_info)
 
 
-def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+def manager(directory: str, keep: int,
+            async_save: bool) -> ocp.CheckpointManager:
+  """The manager of the checkpoints in DIRECTORY (made if missing)."""
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       enable_async_checkpointing=async_save,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=options,
+      os.path.abspath(directory), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': ocp.JsonCheckpointHandler()})
 
@@ -243,7 +247,7 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, problems: list[str],
                limit: int = 8) -> str:
   """Moves a damaged step out of the manager's sight, with one warning."""
   src = os.path.join(str(mngr.directory), str(step))
-  dst_root = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
+  dst_root = str(mngr.directory) + CORRUPT_SUFFIX
   stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   dst = os.path.join(dst_root, f'{step}-{stamp}')
   if jax.process_index() == 0:
@@ -301,20 +305,14 @@ def _iterator_state(step: int, mngr, data: dict, settings: dict) -> dict:
   return data['iterator']
 
 
-def data_settings(config) -> dict:
-  """The DATA_SETTINGS of a run config, and its data source (for messages)."""
-  return dict(batch_size=config.batch_size, seed=config.seed,
-              seq_len=config.seq_len, source=config.data.source,
-              source_fingerprint=sources.fingerprint(config.data.source))
+def resume(config, directory: str, abstract_state, settings: dict):
+  """(manager of the checkpoints in DIRECTORY, restore_latest's result).
 
-
-def resume(config, workdir: str, abstract_state, settings: dict):
-  """(manager of WORKDIR's checkpoints, restore_latest's result for config).
-
-  `settings` are data_settings(config). The manager is closed if the
-  restore raises.
+  `settings` are the run's DATA_SETTINGS (run_dir.data_settings(config)).
+  The manager is closed if the restore raises.
   """
-  mngr = manager(workdir, config.keep_checkpoints, config.async_checkpointing)
+  mngr = manager(directory, config.keep_checkpoints,
+                 config.async_checkpointing)
   try:
     return mngr, restore_latest(mngr, abstract_state, settings,
                                 config.allow_fresh_start)
@@ -361,7 +359,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
             'and rerun to resume from the one before.') from e
       problems = [damage]
     _set_aside(mngr, step, problems)
-  corrupt_dir = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
+  corrupt_dir = str(mngr.directory) + CORRUPT_SUFFIX
   earlier = (sorted(os.listdir(corrupt_dir)) if os.path.isdir(corrupt_dir)
              else [])
   if earlier and not allow_fresh_start:
@@ -440,9 +438,10 @@ def restore_params(directory: str, abstract_params):
 
 
 @contextlib.contextmanager
-def _newest_of_run(workdir: str):
-  """(manager, step) of a run's newest checkpoint, or None; closes after."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+def _newest(directory: str):
+  """(manager, step) of the newest checkpoint in DIRECTORY, or None; closes
+  after. Reads only: makes nothing, sets nothing aside."""
+  directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     yield None
     return
@@ -457,12 +456,12 @@ def _newest_of_run(workdir: str):
     mngr.close()
 
 
-def latest_params(workdir: str, abstract_params):
-  """(step, params) of the newest checkpoint of a training run, or None.
+def latest_params(directory: str, abstract_params):
+  """(step, params) of the newest checkpoint in DIRECTORY, or None.
 
-  Reads only the params (not the optimizer state) of WORKDIR/checkpoints.
+  Reads only the params, not the optimizer state.
   """
-  with _newest_of_run(workdir) as newest:
+  with _newest(directory) as newest:
     if newest is None:
       return None
     mngr, step = newest
@@ -485,13 +484,13 @@ def latest_params(workdir: str, abstract_params):
     return step, restored['state']['params']
 
 
-def read_latest(workdir: str):
-  """(step, state, data_state) of a run's newest checkpoint, as numpy arrays.
+def read_latest(directory: str):
+  """(step, state, data_state) of DIRECTORY's newest checkpoint, as numpy.
 
   For tools that inspect or compare runs on any machine: the arrays are read
   to host memory whatever devices wrote them. None if there is no checkpoint.
   """
-  with _newest_of_run(workdir) as newest:
+  with _newest(directory) as newest:
     if newest is None:
       return None
     mngr, step = newest

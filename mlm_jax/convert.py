@@ -21,6 +21,9 @@ Export a training run (its newest checkpoint) or an import:
 OUT then loads with `transformers.BertForMaskedLM.from_pretrained(OUT)` and
 the fill-mask pipeline. Variants HF's BERT cannot express (pre-LN, RoPE,
 GeGLU, local attention) are refused before anything is read or written.
+
+Must not: lay out or load a run directory itself (run_dir.py does, for
+every tool alike).
 """
 import json
 import os
@@ -32,7 +35,6 @@ from absl import flags
 from absl import logging
 from flax import nnx
 import jax
-import ml_collections
 import numpy as np
 
 from configs import base
@@ -40,6 +42,7 @@ from mlm_jax import checkpoint
 from mlm_jax import data
 from mlm_jax import hf
 from mlm_jax import model
+from mlm_jax import run_dir
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 # Tokenizer files an HF model directory may hold; all are carried over.
@@ -108,49 +111,6 @@ def _copy_tokenizer(hf_dir: str, out_dir: str) -> str:
   return path
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of a run (WORKDIR/config.json) over base.py's defaults."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise ValueError(f'No {path}: --workdir must be a training run or a '
-                     '`convert from_hf` output.')
-  with open(path) as f:
-    saved = json.load(f)
-
-  def merge(cfg, values):
-    for k, v in values.items():
-      if isinstance(v, dict) and k in cfg:
-        merge(cfg[k], v)
-      else:
-        cfg[k] = v
-
-  config = base.get_config()
-  merge(config, saved)
-  return config
-
-
-def load_run(workdir: str, *, model_cfg=None):
-  """(config, ModelConfig, tokenizer, model, step) of a run or an import.
-
-  The params are the newest checkpoint's, or an import's `params/`.
-  `model_cfg` (a ModelConfig) skips building it from the run config.
-  """
-  config = run_config(workdir)
-  tok = tokenizer_lib.load(data.tokenizer_path(config.data))
-  mcfg = model_cfg or model.model_config(config, tok.vocab_size)
-  abstract = nnx.eval_shape(lambda: model.create(mcfg, jax.random.key(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  latest = checkpoint.latest_params(workdir, abstract_params)
-  if latest is not None:
-    step, params = latest
-  elif os.path.isdir(os.path.join(workdir, 'params')):
-    step, params = 0, checkpoint.restore_params(
-        os.path.join(workdir, 'params'), abstract_params)
-  else:
-    raise ValueError(f'{workdir} has no checkpoint (checkpoints/ or params/).')
-  return config, mcfg, tok, nnx.merge(graphdef, params), step
-
-
 def from_hf(hf_dir: str, workdir: str, seq_len: int = 128, seed: int = 0):
   """Imports an HF BERT directory into WORKDIR (see the module docstring)."""
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
@@ -158,7 +118,8 @@ def from_hf(hf_dir: str, workdir: str, seq_len: int = 128, seed: int = 0):
     hf_config = json.load(f)
   mcfg = hf.model_config_from_hf(hf_config)  # refuses other architectures
   weights = read_hf_weights(hf_dir)
-  tok_path = _copy_tokenizer(hf_dir, os.path.join(workdir, 'tokenizer'))
+  tok_path = _copy_tokenizer(hf_dir,
+                             os.path.join(workdir, run_dir.TOKENIZER_DIR))
   tok = tokenizer_lib.load(tok_path)
   if tok.vocab_size != mcfg.vocab_size:
     raise ValueError(f'The tokenizer has {tok.vocab_size} tokens but the '
@@ -170,7 +131,7 @@ def from_hf(hf_dir: str, workdir: str, seq_len: int = 128, seed: int = 0):
   config.seq_len = min(seq_len, mcfg.max_len)
   config.seed = seed
   config.data.tokenizer = tok_path
-  config.init_from = os.path.join(workdir, 'params')
+  config.init_from = os.path.join(workdir, run_dir.PARAMS_DIR)
   mcfg = model.model_config(config, tok.vocab_size)
 
   fresh = model.create(mcfg, jax.random.split(jax.random.key(seed))[0])
@@ -182,8 +143,7 @@ def from_hf(hf_dir: str, workdir: str, seq_len: int = 128, seed: int = 0):
                     'pretraining before predicting with it.', hf_dir, seed)
   del graphdef
   checkpoint.save_params(config.init_from, params)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  run_dir.write_config(workdir, config)
   with open(os.path.join(workdir, 'config.py'), 'w') as f:
     f.write(_config_py(hf_dir, workdir, config))
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -217,10 +177,10 @@ def get_config(arg=None):
 
 def to_hf(workdir: str, hf_dir: str):
   """Exports a run or an import as an HF BertForMaskedLM directory."""
-  config = run_config(workdir)
+  config = run_dir.read_config(workdir)
   # Refuse before reading any weights: a config check needs no vocabulary.
   hf.check_exportable(model.model_config(config, vocab_size=1))
-  config, mcfg, tok, bert, step = load_run(workdir)
+  config, mcfg, tok, bert, step = run_dir.load(workdir)
   state_dict = hf.to_hf_state_dict(mcfg, nnx.state(bert, nnx.Param))
   # HF ties the decoder to the word embeddings on load; it stores neither.
   for tied in ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias'):

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlm_jax import run_dir
+
 MASK_TEXT = '[MASK]'
 
 
@@ -80,8 +82,7 @@ def main(argv):
   texts = argv[1:]
   if not texts:
     raise app.UsageError('Give one or more texts with [MASK] in them.')
-  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
-  _, _, tok, bert, _ = convert.load_run(args.workdir)
+  _, _, tok, bert, _ = run_dir.load(args.workdir)
   results = predict(bert, tok, texts, args.top_k)
   if args.json:
     print(json.dumps([{'text': t, 'masks': r}

@@ -12,7 +12,7 @@ W is a training run (its newest checkpoint, config.json and tokenizer) or a
 3e-4) suit the demo tasks; a GLUE task wants a few epochs (--steps).
 `--from_scratch` builds the same architecture with random weights (from
 --seed): the baseline a pretrained encoder must beat. Tasks are described in
-`mlm_jax/data/labelled.py`. Whether pretraining helps is asserted by
+`mlm_jax/labelled.py`. Whether pretraining helps is asserted by
 tests/test_finetune.py::test_pretrained_beats_scratch_on_demo_order (a
 configs/cpu.py run of 600 steps, demo_order: pretrained must beat scratch by
 0.08 test accuracy; its docstring has the accuracies it measured).
@@ -49,10 +49,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from mlm_jax import checkpoint
 from mlm_jax import host_memory
+from mlm_jax import labelled
 from mlm_jax import model
 from mlm_jax import optimizer
-from mlm_jax.data import labelled
+from mlm_jax import run_dir
 
 
 POOLINGS = ('mean', 'first')
@@ -181,14 +183,8 @@ def check_args(workdir: str, task: str, seq_len: int, steps: int,
   Runs before the tokenizer, the task's data or the model are loaded.
   `seq_len` 0 is the run's own seq_len.
   """
-  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
-  if not workdir or not os.path.isdir(workdir):
-    raise ValueError(f'--workdir={workdir!r} is not a directory: give a '
-                     'training run or a `convert from_hf` output.')
-  config = convert.run_config(workdir)
-  has_ckpt = any(os.path.isdir(os.path.join(workdir, d))
-                 for d in ('checkpoints', 'params'))
-  if not has_ckpt:
+  config = run_dir.read_config(workdir)
+  if not run_dir.has_weights(workdir):
     raise ValueError(f'{workdir} has no checkpoint (checkpoints/ or params/): '
                      'has the run saved one yet?')
   seq_len = seq_len or min(config.seq_len, config.model.max_len)
@@ -260,8 +256,6 @@ def finetune(workdir: str, task: str, *, steps: int = 150,
 
   `loaded` (a labelled.Task already loaded) skips loading the task.
   """
-  from mlm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   task_args = {**DEFAULT_TASK_ARGS, **(task_args or {})}
   start = time.time()
@@ -272,7 +266,7 @@ def finetune(workdir: str, task: str, *, steps: int = 150,
   check_splits(the_task)
   logging.info('Task %s: %s', task, the_task.info)
 
-  _, mcfg, tok, bert, pretrain_step = convert.load_run(workdir)
+  _, mcfg, tok, bert, pretrain_step = run_dir.load(workdir)
   head_key, scratch_key, dropout_key = jax.random.split(
       jax.random.key(seed), 3)
   if from_scratch:

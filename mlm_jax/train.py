@@ -11,7 +11,6 @@ Must not: define steps or metrics (steps.py), build shardings or jit
 (build.py), or know the checkpoint format (checkpoint.py).
 """
 import functools
-import os
 import time
 
 from absl import logging
@@ -24,6 +23,7 @@ from mlm_jax import checkpoint
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import optimizer
 from mlm_jax import preemption
+from mlm_jax import run_dir
 from mlm_jax.data import pipeline
 
 
@@ -47,17 +47,6 @@ def _accumulate(carry, metrics, step):
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
-
-
-def _write_config(config, workdir: str):
-  """WORKDIR/config.json: what made the run, for tools that reload it."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + '.tmp', path)
 
 
 def _peak_flops(built) -> float | None:
@@ -142,8 +131,8 @@ class _Reports:
     if bad == _NO_STEP or self.config.nonfinite != 'stop':
       return
     last = (f'the last good checkpoint is step {self.last_saved} in '
-            f'{self.workdir}/checkpoints' if self.last_saved is not None else
-            'no checkpoint was saved')
+            f'{run_dir.checkpoints_dir(self.workdir)}'
+            if self.last_saved is not None else 'no checkpoint was saved')
     raise FloatingPointError(
         f'Non-finite loss or gradient at step {bad}; updates from it on were '
         f'not applied and nothing after it was saved; {last}. Lower the '
@@ -227,11 +216,11 @@ def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher):
   train_iter = pipeline.train_iterator(
       built.data.train_source, config.batch_size, config.seed,
       jax.process_index(), jax.process_count())
-  data_settings = checkpoint.data_settings(config)
-  ckpt, restored = checkpoint.resume(config, workdir, built.abstract_state,
-                                     data_settings)
+  data_settings = run_dir.data_settings(config)
+  ckpt, restored = checkpoint.resume(config, run_dir.checkpoints_dir(workdir),
+                                     built.abstract_state, data_settings)
   state = _start(built, restored, train_iter)
-  _write_config(config, workdir)
+  run_dir.write_config(workdir, config)
   start_step = int(state.step)
   last_step = config.num_steps
   if config.steps_per_run:

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import run_dir
 from mlm_jax import steps
 from mlm_jax import train
 import tiny
@@ -82,7 +83,7 @@ def test_init_from_a_different_model(trained, tmp_path, never_compiled,
                                      data_dir):
   del never_compiled
   params = str(tmp_path / 'params')
-  _, state, _ = checkpoint.read_latest(trained)
+  _, state, _ = checkpoint.read_latest(run_dir.checkpoints_dir(trained))
   checkpoint.save_params(params, state['params'])
   with pytest.raises(ValueError,
                      match=r'does not fit the model:\n  \S+/value: checkpoint '

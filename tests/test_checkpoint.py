@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import run_dir
 from mlm_jax import steps
 from mlm_jax import train
 import tiny
@@ -42,7 +43,8 @@ def _abstract():
 
 def _workdir(tmp_path, steps=(1, 2), settings=SETTINGS):
   workdir = str(tmp_path / 'run')
-  mngr = checkpoint.manager(workdir, keep=5, async_save=False)
+  mngr = checkpoint.manager(run_dir.checkpoints_dir(workdir), keep=5,
+                            async_save=False)
   for step in steps:
     checkpoint.save(mngr, step, _state(step), {'next_index': step}, settings)
   checkpoint.finish(mngr)
@@ -50,7 +52,8 @@ def _workdir(tmp_path, steps=(1, 2), settings=SETTINGS):
 
 
 def _restore(workdir, settings=SETTINGS, allow_fresh_start=False):
-  mngr = checkpoint.manager(workdir, keep=5, async_save=False)
+  mngr = checkpoint.manager(run_dir.checkpoints_dir(workdir), keep=5,
+                            async_save=False)
   try:
     return checkpoint.restore_latest(mngr, _abstract(), settings,
                                      allow_fresh_start)
@@ -100,7 +103,7 @@ def test_a_damaged_checkpoint_is_set_aside_with_one_full_warning(
     state, iterator_state = _restore(workdir)
   assert int(state.step) == 1 and iterator_state == {'next_index': 1}
   np.testing.assert_array_equal(state.params['w'], _state(1).params['w'])
-  kept = glob.glob(os.path.join(workdir, checkpoint.CORRUPT_DIR, '2-*'))
+  kept = glob.glob(os.path.join(workdir, run_dir.CORRUPT_DIR, '2-*'))
   assert len(kept) == 1 and tiny.snapshot(kept[0]) == damaged
   assert _steps(workdir) == [1]
   warnings = [r.getMessage() for r in caplog.records
@@ -159,7 +162,7 @@ def test_another_restore_error_stops_the_run_and_moves_nothing(
   assert 'Nothing was moved' in message and 'run the same command' in message
   assert e.value.__cause__.__cause__ is error
   assert tiny.snapshot(os.path.join(workdir, 'checkpoints')) == before
-  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT_DIR))
+  assert not os.path.exists(os.path.join(workdir, run_dir.CORRUPT_DIR))
 
 
 def test_a_fresh_start_over_set_aside_checkpoints_needs_the_flag(tmp_path):
@@ -175,7 +178,7 @@ def test_a_fresh_start_over_set_aside_checkpoints_needs_the_flag(tmp_path):
     _restore(workdir)
   # ... and allowed with the flag, keeping what was set aside.
   assert _restore(workdir, allow_fresh_start=True) is None
-  assert len(os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR))) == 1
+  assert len(os.listdir(os.path.join(workdir, run_dir.CORRUPT_DIR))) == 1
   # A workdir without any checkpoint starts fresh without it.
   assert _restore(str(tmp_path / 'new')) is None
 
@@ -204,7 +207,8 @@ def test_a_checkpoint_saved_without_settings_still_loads(tmp_path, caplog):
   # As written before the settings were saved: the data item is the
   # iterator state itself.
   workdir = str(tmp_path / 'run')
-  mngr = checkpoint.manager(workdir, keep=5, async_save=False)
+  mngr = checkpoint.manager(run_dir.checkpoints_dir(workdir), keep=5,
+                            async_save=False)
   mngr.save(3, args=ocp.args.Composite(
       state=ocp.args.StandardSave(_state(3)),
       data=ocp.args.JsonSave({'next_index': 3})))
@@ -274,8 +278,10 @@ def test_a_run_resumed_on_2_devices_and_back_on_8_matches_8_throughout(
   log = _main(pieces, data_dir, 8, **common)
   assert 'Restoring checkpoint at step 8' in log and 'on 8 devices' in log
 
-  want_step, want, want_data = checkpoint.read_latest(whole)
-  got_step, got, got_data = checkpoint.read_latest(pieces)
+  want_step, want, want_data = checkpoint.read_latest(
+      run_dir.checkpoints_dir(whole))
+  got_step, got, got_data = checkpoint.read_latest(
+      run_dir.checkpoints_dir(pieces))
   assert want_step == got_step == 12 and want_data == got_data
   assert int(got['step']) == 12
   np.testing.assert_array_equal(got['rng'], want['rng'])

@@ -15,6 +15,7 @@ import transformers
 
 from mlm_jax import checkpoint
 from mlm_jax import convert
+from mlm_jax import run_dir
 from mlm_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -61,7 +62,7 @@ def test_import_writes_a_runnable_config(imported):
   assert c.data.tokenizer == os.path.join(out, 'tokenizer', 'tokenizer.json')
   assert (c.model.num_layers, c.model.hidden_dim, c.model.num_heads) == (2, 32,
                                                                         4)
-  saved = convert.run_config(out)
+  saved = run_dir.read_config(out)
   assert saved.model.to_dict() == c.model.to_dict()
 
 
@@ -73,7 +74,7 @@ def test_bert_model_without_head_and_torch_bin(tmp_path, caplog):
     summary = convert.from_hf(hf_dir, str(tmp_path / 'out'))
   assert 'no MLM head' in caplog.text
   assert not summary['has_head']
-  _, _, tok, bert, _ = convert.load_run(str(tmp_path / 'out'))
+  _, _, tok, bert, _ = run_dir.load(str(tmp_path / 'out'))
   hf_model = transformers.BertModel.from_pretrained(hf_dir).eval()
   ids = np.array([[tok.cls_id, 150, 160, 170, tok.sep_id]])
   with torch.no_grad():
@@ -101,7 +102,7 @@ def test_cli_export_fills_masks_as_ours_does(imported, tmp_path):
   _, out, _ = imported
   run = str(tmp_path / 'run')
   shutil.copytree(out, run)
-  _, _, tok, bert, _ = convert.load_run(run)
+  _, _, tok, bert, _ = run_dir.load(run)
   params = nnx.state(bert, nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(7), len(leaves))
@@ -148,7 +149,7 @@ def test_continued_pretraining_starts_from_the_imported_model(imported,
   docs.write_text('\n\n'.join(' '.join(words[i:i + 12]) for i in range(60)))
 
   def run(name, init_from):
-    c = convert.run_config(out)
+    c = run_dir.read_config(out)
     c.init_from = init_from
     c.data.source, c.data.data_dir = str(docs), str(tmp_path / 'data')
     c.num_steps, c.batch_size, c.learning_rate = 1, 8, 0.0
@@ -162,10 +163,11 @@ def test_continued_pretraining_starts_from_the_imported_model(imported,
 
   imported_run = run('from_import', os.path.join(out, 'params'))
   fresh_run = run('fresh', '')
-  _, _, _, bert, _ = convert.load_run(out)
+  _, _, _, bert, _ = run_dir.load(out)
   want = nnx.state(bert, nnx.Param)
-  step, got = checkpoint.latest_params(str(tmp_path / 'from_import'),
-                                       jax.tree.map(jnp.zeros_like, want))
+  step, got = checkpoint.latest_params(
+      run_dir.checkpoints_dir(tmp_path / 'from_import'),
+      jax.tree.map(jnp.zeros_like, want))
   assert step == 1
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)

@@ -12,6 +12,7 @@ import transformers
 from configs import base
 from mlm_jax import convert
 from mlm_jax import fill_mask
+from mlm_jax import run_dir
 from mlm_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -59,7 +60,7 @@ def _hf_top_k(hf_dir, text, k):
 
 
 def _ours_top_k(workdir, text, k):
-  _, _, tok, bert, _ = convert.load_run(workdir)
+  _, _, tok, bert, _ = run_dir.load(workdir)
   [result] = fill_mask.predict(bert, tok, [text], top_k=k)
   return [[(c['id'], c['score']) for c in per_mask] for per_mask in result]
 
@@ -82,7 +83,7 @@ def test_trained_sentencepiece_model_matches_hf_pipeline(trained):
 
 def test_exported_tokenizer_splits_like_ours(trained):
   workdir, hf_dir, words = trained
-  _, _, tok, _, _ = convert.load_run(workdir)
+  _, _, tok, _, _ = run_dir.load(workdir)
   hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
   for text in (' '.join(words[:20]), 'Zürich 東京 kalo, mine!'):
     assert hf_tok(text)['input_ids'] == [tok.cls_id] + tok.encode(text) + [
@@ -122,6 +123,6 @@ def test_cli_text_and_json(trained):
 
 def test_text_without_mask_is_refused(trained):
   workdir, _, _ = trained
-  _, _, tok, bert, _ = convert.load_run(workdir)
+  _, _, tok, bert, _ = run_dir.load(workdir)
   with pytest.raises(ValueError, match=r'No \[MASK\]'):
     fill_mask.predict(bert, tok, ['no mask here'])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mlm_jax import finetune
-from mlm_jax.data import labelled
+from mlm_jax import labelled
+from mlm_jax import run_dir
 import tiny
 
 # The end-to-end test pretrains with the demo recipe for 600 steps: the
@@ -250,8 +251,7 @@ def fake_run(tmp_path):
 ])
 def test_bad_arguments_fail_before_loading(fake_run, tmp_path, monkeypatch,
                                            kwargs, message):
-  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(convert, 'load_run', _never)
+  monkeypatch.setattr(run_dir, 'load', _never)
   monkeypatch.setattr(finetune, 'load_task', _never)
   with pytest.raises(ValueError, match=message):
     finetune.finetune(fake_run, task_args=dict(
@@ -327,8 +327,7 @@ def test_glue_task_reads_a_prepared_array_record_dir(tmp_path):
 @pytest.mark.parametrize('empty', ['dev', 'test'])
 def test_an_empty_split_fails_before_loading_the_model(fake_run, monkeypatch,
                                                        empty):
-  from mlm_jax import convert  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(convert, 'load_run', _never)
+  monkeypatch.setattr(run_dir, 'load', _never)
   some = labelled.Examples(('a b', 'c d'), None, np.asarray([0, 1], np.int32))
   none = labelled.Examples((), None, np.zeros(0, np.int32))
   splits = {'train': some, 'dev': some, 'test': some, empty: none}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import run_dir
 from mlm_jax import train
 import tiny
 
@@ -71,8 +72,10 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     for key in _COMPARED:
       if key in w:
         np.testing.assert_allclose(g[key], w[key], rtol=RTOL, err_msg=key)
-  step_one, state_one, data_one = checkpoint.read_latest(one)
-  step_two, state_two, data_two = checkpoint.read_latest(two)
+  step_one, state_one, data_one = checkpoint.read_latest(
+      run_dir.checkpoints_dir(one))
+  step_two, state_two, data_two = checkpoint.read_latest(
+      run_dir.checkpoints_dir(two))
   assert step_one == step_two == 4
   # The same global data order: the iterator positions agree too.
   assert data_one == data_two

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from mlm_jax import chaos
 from mlm_jax import checkpoint
+from mlm_jax import run_dir
 from mlm_jax import train
 import tiny
 
@@ -119,7 +120,7 @@ def test_a_corrupt_newest_checkpoint_is_kept_and_the_previous_one_used(
   resumed = train.train_and_evaluate(tiny.config(data_dir, eval_every=100),
                                      workdir)
   assert 'Checkpoint 8' in caplog.text and 'Moved' in caplog.text
-  kept = glob.glob(os.path.join(workdir, checkpoint.CORRUPT_DIR, '8-*'))
+  kept = glob.glob(os.path.join(workdir, run_dir.CORRUPT_DIR, '8-*'))
   assert len(kept) == 1 and tiny.snapshot(kept[0]) == corrupt_files
   # Resumed from step 4, the run redid steps 5-8 exactly.
   assert int(resumed.step) == 8 and _checkpoint_steps(workdir) == [4, 8]
@@ -140,7 +141,7 @@ def test_nonfinite_stop_names_the_step_and_saves_nothing_after(data_dir,
   assert f'last good checkpoint is step {bad - 1}' in message
   assert '--config.nonfinite=skip' in message
   assert _checkpoint_steps(workdir) == list(range(1, bad))
-  step, state, _ = checkpoint.read_latest(workdir)
+  step, state, _ = checkpoint.read_latest(run_dir.checkpoints_dir(workdir))
   assert step == bad - 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
@@ -157,7 +158,7 @@ def test_nonfinite_skip_counts_the_steps_and_keeps_the_state_finite(
   assert len(skipped) == 2 and 0 < sum(skipped) <= 8
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree.leaves(state.params))
-  _, saved, _ = checkpoint.read_latest(workdir)
+  _, saved, _ = checkpoint.read_latest(run_dir.checkpoints_dir(workdir))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
@@ -238,10 +239,10 @@ def test_a_damaged_checkpoint_costs_one_log_line_and_no_traceback(
   for noise in ('Traceback', 'Exception ignored', 'Event loop is closed'):
     assert not any(noise in line for line in log), out.stderr[-3000:]
   about = [line for line in log if 'heckpoint 8' in line or
-           checkpoint.CORRUPT_DIR in line]
+           run_dir.CORRUPT_DIR in line]
   # The one warning, in full: the step, its path, the cause, where it went.
   assert len(about) == 1, about
-  (kept,) = glob.glob(os.path.join(workdir, checkpoint.CORRUPT_DIR, '8-*'))
+  (kept,) = glob.glob(os.path.join(workdir, run_dir.CORRUPT_DIR, '8-*'))
   assert f'Checkpoint 8 ({step_dir}) is damaged: {largest} is cut short: ' \
          f'{size // 2} bytes' in about[0]
   assert f'Moved it to {kept} (kept, not deleted)' in about[0]

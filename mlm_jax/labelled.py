@@ -22,6 +22,9 @@ texts per example, and an int label). `load` takes the `--task` string of
                 'train' in its name with 'test'/'dev'; without a test file a
                 fraction of the rows is held out (by a fixed seed, so every
                 run sees the same split).
+
+Must not: tokenize or batch (finetune.py encodes the texts) or touch the
+pretraining pipeline (mlm_jax/data).
 """
 
 import csv
