@@ -1,6 +1,6 @@
 """BERT-base pretraining recipe: sequence 128, bfloat16 compute, Wikipedia.
 
-The model is the `bert` recipe (base.py's model defaults, model.RECIPES['bert']):
+The model is the `bert` recipe (base.py's model defaults, recipes.RECIPES['bert']):
 exactly Hugging Face's BertForMaskedLM, so `convert to_hf` exports it.
 
 The platform configs (tpu_v4.py, gpu_h100.py) take this and set the batch

@@ -12,12 +12,12 @@ Not exportable to transformers' BertForMaskedLM (convert to_hf refuses it);
 the `bert` recipe (configs/bert_base.py, base.py's model defaults) is.
 """
 from configs import bert_base
-from mlm_jax import model
+from configs import recipes
 
 
 def get_config(arg=None):
   c = bert_base.get_config()
-  c.model.update(model.RECIPES['modern'])
+  c.model.update(recipes.RECIPES['modern'])
   if arg:
     c.model.size = arg
   if c.model.size == 'tiny':  # a CPU-sized run

@@ -1,6 +1,6 @@
 """Self-attention: masks (packed segments, sliding windows), RoPE, kernels.
 
-The attention kernel is chosen by `ModelConfig.attention`:
+The attention kernel is chosen by `ModelConfig.attention` (model_config.py):
   'xla'    jax.nn.dot_product_attention(implementation='xla'); while attention
            dropout is active (training with attention_dropout_rate > 0) the
            same math runs as an explicit softmax, because the fused function
@@ -12,42 +12,16 @@ The attention kernel is chosen by `ModelConfig.attention`:
 
 Shape letters as in model.py; W is the sliding-window width.
 """
-from typing import TYPE_CHECKING
-
 from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from mlm_jax import model_config
 from mlm_jax import sharding
 
-if TYPE_CHECKING:
-  from mlm_jax import model as model_lib
 
-IMPLEMENTATIONS = ('xla', 'cudnn')
-
-
-def check_implementation(cfg: 'model_lib.ModelConfig') -> None:
-  """Raises ValueError for a kernel choice that cannot run as configured."""
-  if cfg.attention not in IMPLEMENTATIONS:
-    raise ValueError(f'model.attention={cfg.attention!r}; choose one of '
-                     f'{IMPLEMENTATIONS}.')
-  if cfg.attention != 'cudnn':
-    return
-  problems = []
-  if jax.default_backend() != 'gpu':
-    problems.append(f'it needs a GPU (the backend is {jax.default_backend()})')
-  if cfg.dtype not in ('bfloat16', 'float16'):
-    problems.append(f'it needs 16-bit compute (model.dtype={cfg.dtype})')
-  if cfg.attention_dropout_rate > 0:
-    problems.append('it has no attention dropout (model.attention_dropout_rate'
-                    f'={cfg.attention_dropout_rate}; set it to 0)')
-  if problems:
-    raise ValueError("model.attention='cudnn' cannot run here: " +
-                     '; '.join(problems) + ". Use model.attention='xla'.")
-
-
-def describe(cfg: 'model_lib.ModelConfig') -> str:
+def describe(cfg: model_config.ModelConfig) -> str:
   """One line saying which kernel runs, for the log."""
   if cfg.attention == 'cudnn':
     return 'attention kernel: cuDNN fused attention'
@@ -112,7 +86,7 @@ def reference_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxLxL,
 
 class SelfAttention(nnx.Module):
 
-  def __init__(self, cfg: 'model_lib.ModelConfig', dense, rngs: nnx.Rngs,
+  def __init__(self, cfg: model_config.ModelConfig, dense, rngs: nnx.Rngs,
                dropout=nnx.Dropout):
     d = cfg.hidden_dim
     self.num_heads = cfg.num_heads
@@ -152,7 +126,7 @@ class SelfAttention(nnx.Module):
       k_BxLxHxDh = rope(k_BxLxHxDh, positions_BxL, self.rope_base)
     v_BxLxHxDh = split(self.value(x_BxLxD))
     if not deterministic and self.dropout.rate > 0:
-      # Only reachable with 'xla': check_implementation refuses cudnn here.
+      # Only reachable with 'xla': ModelConfig refuses cudnn here.
       out_BxQxHxDh = reference_attention(
           q_BxQxHxDh, k_BxLxHxDh, v_BxLxHxDh, allowed_BxQxL,
           lambda p: self.dropout(p, deterministic=False, rngs=rngs))
@@ -163,5 +137,5 @@ class SelfAttention(nnx.Module):
     return self.out(out_BxQxHxDh.reshape(b, -1, d))
 
 
-def log_choice(cfg: 'model_lib.ModelConfig') -> None:
+def log_choice(cfg: model_config.ModelConfig) -> None:
   logging.info('Model: %s.', describe(cfg))

@@ -32,6 +32,7 @@ import optax
 from mlm_jax import data as data_lib
 from mlm_jax import masking
 from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import optimizer
 from mlm_jax import sharding
 from mlm_jax import steps
@@ -46,7 +47,7 @@ class Built:
   tokenizer: Any
   data: data_lib.Prepared | None  # the packed splits, if build prepared them
   mesh: jax.sharding.Mesh
-  model_config: model.ModelConfig
+  model_config: model_config.ModelConfig
   tx: optax.GradientTransformationExtraArgs
   masker: masking.Masker
   rate_fn: Callable[[jax.Array], jax.Array]
@@ -93,7 +94,7 @@ def validate(config):
               'checkpoint_every'):
     if config[key] <= 0:
       raise ValueError(f'{key}={config[key]} must be positive.')
-  model.model_config(config, vocab_size=1)  # size preset and head count
+  model_config.from_config(config, vocab_size=1)  # size preset and head count
   optimizer.create(config)  # grad_clip_norm
 
 
@@ -200,7 +201,7 @@ def build(config, *, tokenizer=None, vocab_size: int = 0,
   if mesh is None:
     mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  sharding.check_model(model.model_config(config, vocab_size=1), mesh)
+  sharding.check_model(model_config.from_config(config, vocab_size=1), mesh)
   prepared, baseline_id = None, None
   if tokenizer is None and vocab_size:
     tokenizer = tokenizer_stub(vocab_size)
@@ -211,7 +212,7 @@ def build(config, *, tokenizer=None, vocab_size: int = 0,
                                                tokenizer.special_ids)
     logging.info('Most frequent training token: %r (id %d), the eval '
                  'baseline.', tokenizer.id_to_piece(baseline_id), baseline_id)
-  mcfg = model.model_config(config, tokenizer.vocab_size)
+  mcfg = model_config.from_config(config, tokenizer.vocab_size)
   tx = optimizer.create(config)
   masker, rate_fn, eval_masker = masking.from_config(config, tokenizer)
   init, graphdef, shapes, state_sharding = abstract_state(mcfg, config.seed,

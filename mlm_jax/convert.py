@@ -42,6 +42,7 @@ from mlm_jax import checkpoint
 from mlm_jax import data
 from mlm_jax import hf
 from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import run_dir
 from mlm_jax.data import tokenizer as tokenizer_lib
 
@@ -132,7 +133,7 @@ def from_hf(hf_dir: str, workdir: str, seq_len: int = 128, seed: int = 0):
   config.seed = seed
   config.data.tokenizer = tok_path
   config.init_from = os.path.join(workdir, run_dir.PARAMS_DIR)
-  mcfg = model.model_config(config, tok.vocab_size)
+  mcfg = model_config.from_config(config, tok.vocab_size)
 
   fresh = model.create(mcfg, jax.random.split(jax.random.key(seed))[0])
   graphdef, init_params = nnx.split(fresh, nnx.Param)
@@ -179,7 +180,7 @@ def to_hf(workdir: str, hf_dir: str):
   """Exports a run or an import as an HF BertForMaskedLM directory."""
   config = run_dir.read_config(workdir)
   # Refuse before reading any weights: a config check needs no vocabulary.
-  hf.check_exportable(model.model_config(config, vocab_size=1))
+  hf.check_exportable(model_config.from_config(config, vocab_size=1))
   config, mcfg, tok, bert, step = run_dir.load(workdir)
   state_dict = hf.to_hf_state_dict(mcfg, nnx.state(bert, nnx.Param))
   # HF ties the decoder to the word embeddings on load; it stores neither.

@@ -18,7 +18,7 @@ from flax import nnx
 import jax
 import numpy as np
 
-from mlm_jax import model as model_lib
+from mlm_jax import model_config
 
 # Our per-layer parameter path -> HF's name under `encoder.layer.{i}.`, and
 # whether the tensor is a torch Linear weight (transposed).
@@ -62,7 +62,7 @@ _HF_ACT_IN = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh',
 _HF_ACT_OUT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new'}
 
 
-def check_exportable(cfg: model_lib.ModelConfig) -> None:
+def check_exportable(cfg: model_config.ModelConfig) -> None:
   """Raises ValueError naming every knob HF's BertForMaskedLM cannot express."""
   problems = []
   if cfg.pre_ln:
@@ -82,7 +82,7 @@ def check_exportable(cfg: model_lib.ModelConfig) -> None:
                      'BERT-compatible variants (configs/bert_base.py) export.')
 
 
-def model_config_from_hf(hf_config: Mapping, **overrides) -> model_lib.ModelConfig:
+def model_config_from_hf(hf_config: Mapping, **overrides) -> model_config.ModelConfig:
   """Our ModelConfig for an HF BertConfig (as a dict, e.g. config.json)."""
   c = dict(hf_config)
   if c.get('model_type', 'bert') != 'bert':
@@ -107,10 +107,10 @@ def model_config_from_hf(hf_config: Mapping, **overrides) -> model_lib.ModelConf
       initializer_range=c.get('initializer_range', 0.02),
       activation=_HF_ACT_IN[act])
   kwargs.update(overrides)
-  return model_lib.ModelConfig(**kwargs)
+  return model_config.ModelConfig(**kwargs)
 
 
-def hf_config_dict(cfg: model_lib.ModelConfig, pad_token_id: int = 0) -> dict:
+def hf_config_dict(cfg: model_config.ModelConfig, pad_token_id: int = 0) -> dict:
   """The BertConfig fields (config.json) of an exportable ModelConfig."""
   check_exportable(cfg)
   return dict(
@@ -127,7 +127,7 @@ def hf_config_dict(cfg: model_lib.ModelConfig, pad_token_id: int = 0) -> dict:
       position_embedding_type='absolute', tie_word_embeddings=True)
 
 
-def bert_config(cfg: model_lib.ModelConfig, pad_token_id: int = 0):
+def bert_config(cfg: model_config.ModelConfig, pad_token_id: int = 0):
   """A transformers.BertConfig for an exportable ModelConfig."""
   import transformers  # pylint: disable=g-import-not-at-top
   return transformers.BertConfig(**hf_config_dict(cfg, pad_token_id))
@@ -154,7 +154,7 @@ def _layers(cfg, flat) -> list[dict[str, np.ndarray]]:
   return out
 
 
-def to_hf_state_dict(cfg: model_lib.ModelConfig, params
+def to_hf_state_dict(cfg: model_config.ModelConfig, params
                      ) -> dict[str, np.ndarray]:
   """BertForMaskedLM's state dict (float32 numpy) for our params.
 
@@ -214,7 +214,7 @@ def _strip_prefix(state_dict: Mapping) -> tuple[dict, bool]:
   return sd, 'cls.predictions.transform.dense.weight' in state_dict
 
 
-def from_hf_state_dict(cfg: model_lib.ModelConfig, state_dict: Mapping,
+def from_hf_state_dict(cfg: model_config.ModelConfig, state_dict: Mapping,
                        init_params):
   """Our params from a BertForMaskedLM or BertModel state dict.
 

@@ -26,7 +26,6 @@ Every parameter carries logical axis names (`vocab, embed, heads, kv, mlp`,
 and `layers` for the stacked blocks of `scan_layers`); `sharding.py` maps
 them to mesh axes.
 """
-import dataclasses
 import functools
 
 from flax import nnx
@@ -34,130 +33,19 @@ import jax
 import jax.numpy as jnp
 
 from mlm_jax import attention
+from mlm_jax import model_config
 from mlm_jax import sharding
 
-# name -> (num_layers, hidden_dim, num_heads, mlp_dim): Google's BERT sizes.
-PRESETS = {
-    'tiny': (2, 128, 2, 512),
-    'mini': (4, 256, 4, 1024),
-    'small': (4, 512, 8, 2048),
-    'medium': (8, 512, 8, 2048),
-    'base': (12, 768, 12, 3072),
-    'large': (24, 1024, 16, 4096),
-}
-ACTIVATIONS = ('gelu', 'gelu_tanh', 'geglu')
 # jax.checkpoint policies by `remat` name ('none': no rematerialisation).
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block
     'dots': jax.checkpoint_policies.checkpoint_dots,  # save every matmul output
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# The knobs of the two recipes (configs/bert_base.py, configs/modern.py).
-RECIPES = {
-    # Exactly Hugging Face's BertForMaskedLM: exportable with convert to_hf.
-    'bert': dict(pre_ln=False, position='learned', activation='gelu',
-                 type_vocab_size=2, use_bias=True, local_window=0,
-                 global_every=1, vocab_multiple=1, layer_norm_eps=1e-12),
-    # ModernBERT's recipe: pre-LN, RoPE, GeGLU, no biases or token types,
-    # local attention (128) with a global layer every 3, vocab padded to 128.
-    'modern': dict(pre_ln=True, position='rope', activation='geglu',
-                   type_vocab_size=0, use_bias=False, local_window=128,
-                   global_every=3, vocab_multiple=128, layer_norm_eps=1e-5,
-                   dropout_rate=0.0, attention_dropout_rate=0.0),
-}
+assert set(REMAT_POLICIES) == set(model_config.REMAT_NAMES)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The encoder's static description; validated when made."""
-  vocab_size: int               # the tokenizer's vocabulary (unpadded)
-  num_layers: int = 2
-  hidden_dim: int = 128
-  num_heads: int = 2
-  mlp_dim: int = 512
-  max_len: int = 512
-  type_vocab_size: int = 2      # 0: no token-type embeddings
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  layer_norm_eps: float = 1e-12
-  initializer_range: float = 0.02
-  pre_ln: bool = False
-  position: str = 'learned'     # 'learned' (BERT) or 'rope' (rotary, in attention)
-  rope_base: float = 10_000.0
-  activation: str = 'gelu'      # 'gelu' (erf), 'gelu_tanh' or 'geglu'
-  use_bias: bool = True         # biases of dense layers and LayerNorms
-  local_window: int = 0         # sliding-window width; 0: every layer global
-  global_every: int = 1         # with local_window: layer i global iff i % this == 0
-  attention: str = 'xla'        # kernel: 'xla' or 'cudnn'
-  remat: str = 'none'           # 'none' or a REMAT_POLICIES name
-  scan_layers: bool = False     # one stacked block, applied with lax.scan
-  vocab_multiple: int = 1       # pad the vocabulary rows to a multiple of this
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype
-
-  def __post_init__(self):
-    if self.position not in ('learned', 'rope'):
-      raise ValueError(f"model.position={self.position!r} must be 'learned' "
-                       "or 'rope'.")
-    if self.hidden_dim % self.num_heads:
-      raise ValueError(f'model hidden_dim={self.hidden_dim} is not divisible '
-                       f'by num_heads={self.num_heads}.')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'model.activation={self.activation!r}; choose one of '
-                       f'{ACTIVATIONS}.')
-    if self.remat != 'none' and self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}; choose 'none' or one of "
-                       f'{sorted(REMAT_POLICIES)}.')
-    if self.local_window < 0 or self.global_every < 1:
-      raise ValueError(f'model.local_window={self.local_window} must be >= 0 '
-                       f'and model.global_every={self.global_every} >= 1.')
-    if self.vocab_multiple < 1 or self.type_vocab_size < 0:
-      raise ValueError(f'model.vocab_multiple={self.vocab_multiple} must be '
-                       f'>= 1 and type_vocab_size={self.type_vocab_size} >= 0.')
-    attention.check_implementation(self)
-
-  @property
-  def padded_vocab_size(self) -> int:
-    m = self.vocab_multiple
-    return -(-self.vocab_size // m) * m
-
-
-def model_config(config, vocab_size: int) -> ModelConfig:
-  """The ModelConfig of a run config's `model` section (size preset + overrides)."""
-  c = config.model
-  if c.size not in PRESETS:
-    raise ValueError(f'Unknown model.size={c.size!r}; choose one of '
-                     f'{sorted(PRESETS)}.')
-  layers, hidden, heads, mlp = PRESETS[c.size]
-  return ModelConfig(
-      vocab_size=vocab_size,
-      num_layers=c.num_layers or layers,
-      hidden_dim=c.hidden_dim or hidden,
-      num_heads=c.num_heads or heads,
-      mlp_dim=c.mlp_dim or mlp,
-      max_len=c.max_len,
-      type_vocab_size=c.type_vocab_size,
-      dropout_rate=c.dropout_rate,
-      attention_dropout_rate=c.attention_dropout_rate,
-      layer_norm_eps=c.layer_norm_eps,
-      initializer_range=c.initializer_range,
-      pre_ln=c.pre_ln,
-      position=c.position,
-      rope_base=c.rope_base,
-      activation=c.activation,
-      use_bias=c.use_bias,
-      local_window=c.local_window,
-      global_every=c.global_every,
-      attention=c.attention,
-      remat=c.remat,
-      scan_layers=c.scan_layers,
-      vocab_multiple=c.vocab_multiple,
-      dtype=c.dtype,
-      param_dtype=c.param_dtype,
-  )
-
-
-def _init(cfg: ModelConfig, names):
+def _init(cfg: model_config.ModelConfig, names):
   return nnx.with_partitioning(
       nnx.initializers.normal(cfg.initializer_range), names)
 
@@ -240,7 +128,7 @@ def _lookup(embed: nnx.Embed, ids_BxL: jax.Array) -> jax.Array:
 
 class Embeddings(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
     def embed(n, names):
       return nnx.Embed(n, cfg.hidden_dim, dtype=cfg.dtype,
                        param_dtype=cfg.param_dtype,
@@ -269,7 +157,7 @@ class Embeddings(nnx.Module):
 class Block(nnx.Module):
   """One transformer layer: attention then MLP, each with a residual."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
     self.pre_ln = cfg.pre_ln
     self.glu = cfg.activation == 'geglu'
     self.act = _activation(cfg.activation)
@@ -315,7 +203,7 @@ class Block(nnx.Module):
     return self.mlp_norm(x_BxQxD + drop(self._mlp(x_BxQxD)))
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: model_config.ModelConfig, rngs: nnx.Rngs) -> Block:
   """One Block whose parameters carry a leading [N] layer axis."""
 
   @nnx.split_rngs(splits=cfg.num_layers)
@@ -330,7 +218,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 class Encoder(nnx.Module):
   """Token ids -> contextual vectors; packed segments never attend across."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
     self.config = cfg
     self.embeddings = Embeddings(cfg, rngs)
     if cfg.scan_layers:
@@ -433,7 +321,7 @@ class MLMHead(nnx.Module):
   they take no probability mass in the softmax.
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
     self.vocab_size = cfg.vocab_size
     # GeGLU recipes keep a plain GELU in the head, as ModernBERT does.
     self.act = _activation(cfg.activation)
@@ -458,7 +346,7 @@ class MLMHead(nnx.Module):
 
 class BertForMLM(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
     self.config = cfg
     self.encoder = Encoder(cfg, rngs)
     self.mlm_head = MLMHead(cfg, rngs)
@@ -486,7 +374,7 @@ class BertForMLM(nnx.Module):
     return self.mlm_head(h_BxKxD, self.encoder.embeddings.word.embedding[...])
 
 
-def create(cfg: ModelConfig, seed_key: jax.Array) -> BertForMLM:
+def create(cfg: model_config.ModelConfig, seed_key: jax.Array) -> BertForMLM:
   """Builds the model; under jax.eval_shape this allocates nothing."""
   attention.log_choice(cfg)
   with nnx.use_eager_sharding(False):

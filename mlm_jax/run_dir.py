@@ -28,6 +28,7 @@ from configs import base
 from mlm_jax import checkpoint
 from mlm_jax import data
 from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax.data import sources
 from mlm_jax.data import tokenizer as tokenizer_lib
 
@@ -103,7 +104,7 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
 class Run(NamedTuple):
   """What `load` gives: a run's config, model config, tokenizer, model, step."""
   config: ml_collections.ConfigDict
-  model_config: Any  # model.ModelConfig
+  model_config: Any  # model_config.ModelConfig
   tokenizer: Any     # tokenizer_lib.Tokenizer
   model: Any         # model.Bert with the loaded params
   step: int
@@ -118,7 +119,7 @@ def load(workdir: str, *, model_cfg=None) -> Run:
   """
   config = read_config(workdir)
   tok = tokenizer_lib.load(data.tokenizer_path(config.data))
-  mcfg = model_cfg or model.model_config(config, tok.vocab_size)
+  mcfg = model_cfg or model_config.from_config(config, tok.vocab_size)
   abstract = nnx.eval_shape(lambda: model.create(mcfg, jax.random.key(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   latest = checkpoint.latest_params(checkpoints_dir(workdir), abstract_params)

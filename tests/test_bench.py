@@ -10,6 +10,7 @@ from mlm_jax import bench
 from mlm_jax import bench_peers
 from mlm_jax import metrics
 from mlm_jax import model
+from mlm_jax import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +89,8 @@ def _run_bench(*args, timeout=300):
 
 
 def test_train_flops_by_hand_for_our_sparse_head_and_hfs_dense_head():
-  cfg = model.ModelConfig(vocab_size=100, num_layers=2, hidden_dim=8,
-                          num_heads=2, mlp_dim=16)
+  cfg = model_config.ModelConfig(
+      vocab_size=100, num_layers=2, hidden_dim=8, num_heads=2, mlp_dim=16)
   batch, seq_len, k = 2, 16, 2
   # Per token per layer: Q, K, V, O (4 x 8 x 8) and the MLP (2 x 8 x 16)
   # multiply-adds, and attention over all 16 keys: scores and values

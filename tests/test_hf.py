@@ -9,6 +9,7 @@ import transformers
 
 from mlm_jax import hf
 from mlm_jax import model
+from mlm_jax import model_config
 
 torch.manual_seed(0)
 
@@ -133,10 +134,10 @@ def test_scan_and_padded_vocab_export_the_same_tensors():
 
 
 def test_variants_without_token_types_or_biases_export_exactly():
-  cfg = model.ModelConfig(vocab_size=50, num_layers=2, hidden_dim=16,
-                          num_heads=2, mlp_dim=32, max_len=24,
-                          type_vocab_size=0, use_bias=False, dropout_rate=0.0,
-                          attention_dropout_rate=0.0)
+  cfg = model_config.ModelConfig(
+      vocab_size=50, num_layers=2, hidden_dim=16, num_heads=2, mlp_dim=32,
+      max_len=24, type_vocab_size=0, use_bias=False, dropout_rate=0.0,
+      attention_dropout_rate=0.0)
   ours = model.create(cfg, jax.random.key(2))
   # Perturb every weight (fresh LayerNorm scales are all 1, the head's
   # bias 0), so the parity below is not that of an initialisation.
@@ -165,7 +166,7 @@ def test_variants_without_token_types_or_biases_export_exactly():
     ('pre_ln', True, 'pre_ln'), ('position', 'rope', 'position'),
     ('activation', 'geglu', 'activation'), ('local_window', 8, 'local_window')])
 def test_unexportable_variants_are_refused(knob, value, message):
-  cfg = model.ModelConfig(vocab_size=50, **{knob: value})
+  cfg = model_config.ModelConfig(vocab_size=50, **{knob: value})
   with pytest.raises(ValueError, match=message):
     hf.check_exportable(cfg)
 

@@ -21,7 +21,7 @@ from configs import base
 from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
-from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import optimizer
 from mlm_jax import sharding
 from mlm_jax import steps
@@ -191,7 +191,7 @@ def tiny():
   c.model.update(size='tiny', num_layers=1, hidden_dim=16, num_heads=2,
                  mlp_dim=32, max_len=L, dropout_rate=0.0,
                  attention_dropout_rate=0.0)
-  mcfg = model.model_config(c, V)
+  mcfg = model_config.from_config(c, V)
   tx = optimizer.create(c)
   graphdef, state, _ = build.init_state(mcfg, c.seed, tx, sharding.make_mesh(c))
   batch = {'input_ids': jnp.asarray(IDS_BxL),
@@ -340,7 +340,7 @@ def test_train_mfu_uses_the_peak_of_the_model_dtype(data_dir, tmp_path,
   records = [r for r in tiny.read_metrics(str(tmp_path / 'run'))
              if 'train/mfu' in r]
   assert [r['step'] for r in records] == [2, 4]
-  mcfg = model.model_config(c, c.data.vocab_size)
+  mcfg = model_config.from_config(c, c.data.vocab_size)
   k = masking.static_max_predictions(c.seq_len, c.mask.rate)
   for r in records:
     # A window of 2 steps of 8 full rows of 32 (the demo rows are packed

@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 from configs import base
+from configs import recipes
 from mlm_jax import attention
 from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import steps
 
 
 def _cfg(**kw):
-  return model.ModelConfig(**{**dict(vocab_size=97, num_layers=2,
-                                     hidden_dim=32, num_heads=4, mlp_dim=64,
-                                     max_len=40, dropout_rate=0.0,
-                                     attention_dropout_rate=0.0), **kw})
+  return model_config.ModelConfig(**{**dict(
+      vocab_size=97, num_layers=2, hidden_dim=32, num_heads=4, mlp_dim=64,
+      max_len=40, dropout_rate=0.0, attention_dropout_rate=0.0), **kw})
 
 
 @pytest.fixture(params=[(False, 'learned'), (True, 'learned'), (True, 'rope')],
@@ -89,7 +90,7 @@ def test_rope_has_no_position_table():
   c = base.get_config()
   c.model.position = 'sinusoid'
   with pytest.raises(ValueError, match='model.position'):
-    model.model_config(c, vocab_size=100)
+    model_config.from_config(c, vocab_size=100)
 
 
 def test_positions_restart_per_segment():
@@ -136,21 +137,21 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_size_presets_and_overrides(size, layers, hidden):
   c = base.get_config()
   c.model.size = size
-  cfg = model.model_config(c, vocab_size=100)
+  cfg = model_config.from_config(c, vocab_size=100)
   assert (cfg.num_layers, cfg.hidden_dim) == (layers, hidden)
   c.model.num_layers = 3
-  assert model.model_config(c, vocab_size=100).num_layers == 3
+  assert model_config.from_config(c, vocab_size=100).num_layers == 3
 
 
 def test_bad_size_and_heads_fail_clearly():
   c = base.get_config()
   c.model.size = 'huge'
   with pytest.raises(ValueError, match='model.size'):
-    model.model_config(c, vocab_size=100)
+    model_config.from_config(c, vocab_size=100)
   c.model.size = 'tiny'
   c.model.num_heads = 3
   with pytest.raises(ValueError, match='divisible'):
-    model.model_config(c, vocab_size=100)
+    model_config.from_config(c, vocab_size=100)
 
 
 # ---- Encoder knobs -----------------------------------------------------------
@@ -363,12 +364,12 @@ def test_attention_dropout_path_equals_the_fused_path_without_dropout():
 def test_modern_and_bert_recipes():
   import importlib  # pylint: disable=g-import-not-at-top
   modern = importlib.import_module('configs.modern').get_config('tiny')
-  cfg = model.model_config(modern, vocab_size=8192 + 3)
+  cfg = model_config.from_config(modern, vocab_size=8192 + 3)
   assert (cfg.pre_ln, cfg.position, cfg.activation, cfg.use_bias) == (
       True, 'rope', 'geglu', False)
   assert cfg.padded_vocab_size == 8192 + 128 and cfg.local_window == 128
-  bert = model.model_config(base.get_config(), vocab_size=100)
-  for k, v in model.RECIPES['bert'].items():
+  bert = model_config.from_config(base.get_config(), vocab_size=100)
+  for k, v in recipes.RECIPES['bert'].items():
     assert getattr(bert, k) == v, k
 
 
@@ -381,7 +382,7 @@ _VARIANTS = {
     'remat_scan': dict(num_layers=2, remat='full', scan_layers=True),
     'padded_vocab': dict(vocab_multiple=128),
     'attention_dropout': dict(attention_dropout_rate=0.1),
-    'modern': dict(model.RECIPES['modern'], num_layers=3, local_window=4),
+    'modern': dict(recipes.RECIPES['modern'], num_layers=3, local_window=4),
 }
 
 
@@ -398,7 +399,7 @@ def test_every_variant_trains_and_its_loss_falls(name):
                  mlp_dim=64, max_len=16, dropout_rate=0.0,
                  attention_dropout_rate=0.0)
   c.model.update(_VARIANTS[name])
-  mcfg = model.model_config(c, v)
+  mcfg = model_config.from_config(c, v)
   tx = optimizer.create(c)
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=v, max_predictions=4)
@@ -419,15 +420,16 @@ def test_every_variant_trains_and_its_loss_falls(name):
 
 
 @pytest.mark.parametrize('knobs', [
-    {}, dict(model.RECIPES['modern'], num_layers=3),
+    {}, dict(recipes.RECIPES['modern'], num_layers=3),
     {'scan_layers': True}, {'scan_layers': True, 'remat': 'full'},
     {'remat': 'dots', 'num_layers': 1}])
 def test_final_layer_at_the_prediction_positions_only_is_exact(knobs):
   """outputs_at_BxK runs the last layer at K rows: the same vectors as the
   full encoder there (padding, packed segments, duplicate positions)."""
   knobs = {'num_layers': 2, **knobs}
-  cfg = model.ModelConfig(vocab_size=100, hidden_dim=32, num_heads=4,
-                          mlp_dim=64, max_len=16, **knobs)
+  cfg = model_config.ModelConfig(
+      vocab_size=100, hidden_dim=32, num_heads=4, mlp_dim=64, max_len=16,
+      **knobs)
   m = model.create(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(5, 100, (3, 16)), jnp.int32)

@@ -16,7 +16,7 @@ import pytest
 from configs import base
 from mlm_jax import build
 from mlm_jax import masking
-from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import optimizer
 from mlm_jax import sharding
 
@@ -67,7 +67,7 @@ def _batches(n, batch_size, seed=0):
 def _train(c, batches, devices=None, tx=None):
   """(losses, final params as numpy) of a few steps through the real wrapper."""
   mesh = sharding.make_mesh(c, devices)
-  mcfg = model.model_config(c, V)
+  mcfg = model_config.from_config(c, V)
   sharding.check_model(mcfg, mesh)
   tx = tx or optimizer.create(c)
   graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
@@ -118,7 +118,7 @@ def test_meshes_match_one_device(mesh):
 
 def test_fsdp_shards_params_and_optimizer_state():
   c = _config(data=1, fsdp=8)
-  _, state, _ = build.init_state(model.model_config(c, V), c.seed,
+  _, state, _ = build.init_state(model_config.from_config(c, V), c.seed,
                                  optimizer.create(c), sharding.make_mesh(c))
   kernel = state.params['encoder']['blocks'][0]['mlp_in']['kernel'][...]
   assert kernel.sharding.spec == P('fsdp', 'tensor')
@@ -174,7 +174,7 @@ def test_heads_and_accumulation_errors_give_the_numbers():
   mesh = sharding.make_mesh(_config(data=1, tensor=8))
   with pytest.raises(ValueError, match='num_heads=4 is not divisible by mesh '
                      'tensor=8'):
-    sharding.check_model(model.model_config(_config(), V), mesh)
+    sharding.check_model(model_config.from_config(_config(), V), mesh)
   with pytest.raises(ValueError, match='grad_accum_steps=4 micro-batches '
                      r'each divisible by the 8 .* multiple of 32'):
     sharding.check_batch_size(16, sharding.make_mesh(_config()), 4)
@@ -194,7 +194,7 @@ def _grad_norms_over_keys(rate, keys=32, **overrides):
   c.update(overrides)
   one = c.grad_accum_steps == 1 and c.parallelism == 'pjit'
   mesh = sharding.make_mesh(c, jax.devices()[:1] if one else None)
-  mcfg = model.model_config(c, V)
+  mcfg = model_config.from_config(c, V)
   tx = optimizer.create(c)
   graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
   step, to_device = build.make_train_step(

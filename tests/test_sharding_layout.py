@@ -18,14 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = textwrap.dedent("""
     import numpy as np
     from configs import base
-    from mlm_jax import build, masking, model, optimizer, sharding
+    from mlm_jax import build, masking, model_config, optimizer, sharding
     c = base.get_config()
     c.seq_len, c.batch_size = 16, 8
     c.model.update(size='tiny', num_layers=1, hidden_dim=32, num_heads=4,
                    mlp_dim=64, max_len=16, type_vocab_size=2)
     c.mesh.update(data=2, fsdp=2, tensor=2)
     mesh = sharding.make_mesh(c)
-    mcfg = model.model_config(c, 64)
+    mcfg = model_config.from_config(c, 64)
     tx = optimizer.create(c)
     graphdef, state, state_sharding = build.init_state(mcfg, c.seed, tx, mesh)
     masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,

@@ -10,6 +10,7 @@ from mlm_jax import build
 from mlm_jax import masking
 from mlm_jax import metrics
 from mlm_jax import model
+from mlm_jax import model_config
 from mlm_jax import optimizer
 from mlm_jax import sharding
 from mlm_jax import steps
@@ -24,7 +25,7 @@ def _setup(num_steps=150):
   c.model.update(size='tiny', num_layers=1, hidden_dim=32, num_heads=2,
                  mlp_dim=64, max_len=16, dropout_rate=0.0,
                  attention_dropout_rate=0.0)
-  mcfg = model.model_config(c, V)
+  mcfg = model_config.from_config(c, V)
   tx = optimizer.create(c)
   masker = masking.Masker(special_ids=(0, 1, 2, 3, 4), mask_id=4,
                           vocab_size=V, max_predictions=4)
@@ -128,9 +129,9 @@ def test_train_flops_is_six_times_the_non_embedding_params_per_token():
   """Matmul FLOPs per token = 6 x non-embedding matrix parameters (+ the
   attention scores, 12 x layers x width x length; + the head per slot)."""
   for activation in ('gelu', 'geglu'):
-    cfg = model.ModelConfig(vocab_size=1000, num_layers=2, hidden_dim=64,
-                            num_heads=2, mlp_dim=256, activation=activation,
-                            vocab_multiple=128)
+    cfg = model_config.ModelConfig(
+        vocab_size=1000, num_layers=2, hidden_dim=64, num_heads=2, mlp_dim=256,
+        activation=activation, vocab_multiple=128)
     params = nnx.state(model.create(cfg, jax.random.key(0)), nnx.Param)
     matrices = sum(
         x.size for path, x in jax.tree_util.tree_leaves_with_path(params)

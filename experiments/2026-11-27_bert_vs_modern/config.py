@@ -6,15 +6,15 @@ The argument picks the arm:
       --workdir=/tmp/bert_vs_modern/modern
 """
 from configs import cpu
-from mlm_jax import model
+from configs import recipes
 
 
 def get_config(arm='modern'):
-  if arm not in model.RECIPES:
-    raise ValueError(f'arm={arm!r}; choose one of {sorted(model.RECIPES)}.')
+  if arm not in recipes.RECIPES:
+    raise ValueError(f'arm={arm!r}; choose one of {sorted(recipes.RECIPES)}.')
   c = cpu.get_config()
   c.num_steps = 800            # half the demo: 3.3M tokens, about 5 minutes
   c.checkpoint_every = 800
-  c.model.update(model.RECIPES[arm])
+  c.model.update(recipes.RECIPES[arm])
   c.model.dropout_rate = c.model.attention_dropout_rate = 0.0  # both arms
   return c
