@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from mlm_jax import run_dir  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -51,11 +53,9 @@ def read_run(workdir: str) -> dict:
   if not records:
     raise ValueError(f'{path} holds no metrics yet.')
   tokens_per_step = None
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
-    tokens_per_step = config['batch_size'] * config['seq_len']
+  if os.path.exists(os.path.join(workdir, run_dir.CONFIG_FILE)):
+    config = run_dir.read_config(workdir)
+    tokens_per_step = config.batch_size * config.seq_len
   return {'records': records, 'tokens_per_step': tokens_per_step}
 
 

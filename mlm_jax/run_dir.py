@@ -118,6 +118,9 @@ def load(workdir: str, *, model_cfg=None) -> Run:
   ModelConfig) skips building it from the run config.
   """
   config = read_config(workdir)
+  if not has_weights(workdir):  # before loading anything
+    raise ValueError(f'{workdir} has no checkpoint ({CHECKPOINTS_DIR}/ or '
+                     f'{PARAMS_DIR}/): train it, or `convert from_hf` into it.')
   tok = tokenizer_lib.load(data.tokenizer_path(config.data))
   mcfg = model_cfg or model_config.from_config(config, tok.vocab_size)
   abstract = nnx.eval_shape(lambda: model.create(mcfg, jax.random.key(0)))
