@@ -7,6 +7,8 @@ import pytest
 from scipy import stats
 
 from mlm_jax import masking
+from mlm_jax.masking import bits
+from mlm_jax.masking import strategies
 
 SPECIALS = (0, 1, 2, 3, 4)  # PAD UNK CLS SEP MASK
 MASK_ID, V = 4, 1000
@@ -85,7 +87,7 @@ def test_80_10_10_split_on_a_large_sample():
 def test_random_replacements_are_uniform_over_non_special_ids():
   # Many draws from a small vocabulary: every non-special id, none special.
   words = jax.random.bits(jax.random.key(6), (200_000,), jnp.uint32)
-  draws = np.asarray(masking._random_nonspecial(words, 20, SPECIALS))
+  draws = np.asarray(bits.random_nonspecial(words, 20, SPECIALS))
   counts = np.bincount(draws, minlength=20)
   assert (counts[list(SPECIALS)] == 0).all()
   expected = draws.size / 15
@@ -99,7 +101,7 @@ def test_threefry_is_jaxs_bit_for_bit():
                                 jnp.uint32) for n in (1, 1, 4096, 4096))
   want = threefry2x32_p.bind(jnp.broadcast_to(k0, x0.shape),
                              jnp.broadcast_to(k1, x0.shape), x0, x1)
-  got = masking._threefry2x32(k0[0], k1[0], x0, x1)
+  got = bits.threefry2x32(k0[0], k1[0], x0, x1)
   for w, g in zip(want, got):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
@@ -124,7 +126,7 @@ def test_floyd_matches_the_sequential_algorithm(max_k):
   n = rng.integers(0, 2 * max_k, batch)  # small n: many repeated draws
   k = np.minimum(np.floor(0.6 * n + 0.5), max_k).astype(int)
   words = rng.integers(0, 2**32, (batch, max_k), dtype=np.uint64)
-  got = np.asarray(jax.jit(masking._floyd)(
+  got = np.asarray(jax.jit(bits.floyd)(
       jnp.asarray(words, jnp.uint32), jnp.asarray(n, jnp.int32),
       jnp.asarray(k, jnp.int32)))
   for row, want, row_k, row_n in zip(got, _floyd_reference(words, n, k), k,
@@ -137,9 +139,9 @@ def test_nth_set_bit_over_several_words():
   rng = np.random.default_rng(1)
   flags = rng.random((300, 100)) < rng.random((300, 1))  # some rows empty
   flags[:, 32:64] &= rng.random((300, 1)) < 0.5          # empty middle words
-  words = masking._bitset(jnp.asarray(flags))
+  words = bits.bitset(jnp.asarray(flags))
   n = jnp.broadcast_to(jnp.arange(100, dtype=jnp.int32), (300, 100))
-  got = np.asarray(masking._nth_set_bit(words, n))
+  got = np.asarray(bits.nth_set_bit(words, n))
   for row, row_flags in zip(got, flags):
     want = np.flatnonzero(row_flags)
     np.testing.assert_array_equal(row[:len(want)], want)
@@ -225,7 +227,7 @@ def _word_of_each_token(ids_row):
   return np.array(words)
 
 
-@pytest.mark.parametrize('strategy', masking.STRATEGIES)
+@pytest.mark.parametrize('strategy', strategies.STRATEGIES)
 def test_strategies_never_choose_specials_and_respect_the_budget(strategy):
   ids = _rows(jax.random.key(10), 256, 64)
   masker = _masker(strategy, masking.static_max_predictions(64, 0.15))
@@ -253,14 +255,20 @@ def test_word_strategies_never_split_a_word(strategy):
       assert set(np.flatnonzero(words == word).tolist()) <= chosen
 
 
+def _mean_span_words(p: float, max_words: int) -> float:
+  """Mean span length in words under `span_length_probs`."""
+  probs = strategies.span_length_probs(p, max_words)
+  return float(np.sum(probs * np.arange(1, max_words + 1)))
+
+
 def test_span_lengths_follow_the_truncated_geometric_law():
-  lengths = np.asarray(masking.sample_span_lengths(jax.random.key(14),
-                                                   (100_000,), 0.2, 10))
+  lengths = np.asarray(strategies.sample_span_lengths(jax.random.key(14),
+                                                      (100_000,), 0.2, 10))
   observed = np.bincount(lengths, minlength=11)[1:]
-  expected = masking.span_length_probs(0.2, 10) * lengths.size
+  expected = strategies.span_length_probs(0.2, 10) * lengths.size
   assert lengths.min() >= 1 and lengths.max() <= 10
   assert stats.chisquare(observed, expected).pvalue > 1e-3
-  assert abs(masking.mean_span_words(0.2, 10) - 3.8) < 0.01  # SpanBERT's 3.8
+  assert abs(_mean_span_words(0.2, 10) - 3.8) < 0.01  # SpanBERT's 3.8
 
 
 def test_realized_spans_have_the_law_mean():
@@ -269,7 +277,7 @@ def test_realized_spans_have_the_law_mean():
   ids = jax.random.randint(jax.random.key(15), (256, 512), 5, 600)
   m = jax.jit(_masker('span', 80))(jax.random.key(16), ids, None, 0.15)
   mean = float(m.weights_BxK.sum() / m.units_B.sum())
-  assert abs(mean - masking.mean_span_words(0.2, 10)) < 0.4, mean
+  assert abs(mean - _mean_span_words(0.2, 10)) < 0.4, mean
 
 
 def _first_span_lengths(p, max_words, rows=20_000, num_words=64):
@@ -282,9 +290,11 @@ def _first_span_lengths(p, max_words, rows=20_000, num_words=64):
   ids = jnp.full((num_words,), 7, jnp.int32)  # a word-start piece
 
   def first_span(key, ids):
-    word_L, len_W, run_W, n_words = masking._words(
-        ids, jnp.ones_like(ids, bool), jnp.asarray(WORD_START_V))
-    chosen_L, spans = masking._choose_spans(
+    maskable = jnp.ones_like(ids, bool)
+    word_L, len_W, run_W, n_words = strategies.words(
+        strategies.word_starts(ids, maskable, jnp.asarray(WORD_START_V)),
+        maskable)
+    chosen_L, spans = strategies.choose_spans(
         key, word_L, len_W, run_W, n_words, 40, p=p, max_words=max_words,
         attempts=1)
     return jnp.sum(chosen_L), chosen_L[-1], spans
@@ -301,7 +311,7 @@ def _span_law_pvalue(length, at_end, p, max_words, num_words=64):
   # probability (num_words - l) / num_words, so among those spans
   # P(l) is proportional to span_length_probs(p)[l] * (num_words - l).
   counts = np.bincount(length[~at_end], minlength=max_words + 1)[1:]
-  law = masking.span_length_probs(p, max_words) * (
+  law = strategies.span_length_probs(p, max_words) * (
       num_words - np.arange(1, max_words + 1))
   return stats.chisquare(counts, law / law.sum() * counts.sum()).pvalue
 
@@ -387,7 +397,7 @@ def test_unknown_strategy_or_missing_word_table_fails_clearly():
 # ---------------------------------------------------------------------------
 # Property tests: random lengths, padding and special-token placements.
 
-_PROPERTY_MASKERS = {s: _masker(s, 12) for s in masking.STRATEGIES}
+_PROPERTY_MASKERS = {s: _masker(s, 12) for s in strategies.STRATEGIES}
 _PROPERTY_FNS = {s: jax.jit(m) for s, m in _PROPERTY_MASKERS.items()}
 
 
@@ -411,7 +421,7 @@ def _batches(draw):
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(ids=_batches(), strategy=st.sampled_from(masking.STRATEGIES),
+@hypothesis.given(ids=_batches(), strategy=st.sampled_from(strategies.STRATEGIES),
                   rate=st.sampled_from([0.1, 0.15, 0.3]),
                   seed=st.integers(0, 2**31 - 1))
 def test_masking_invariants_hold_for_any_row(ids, strategy, rate, seed):

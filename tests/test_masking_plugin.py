@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import masking
+from mlm_jax.masking import strategies
 from mlm_jax import train
 import tiny
 
@@ -100,7 +101,7 @@ def test_bad_plugins_are_named_before_any_work(plugins, tmp_path):
       (f'{plugins}:', 'not of the form'),
       ('tokens', "choose one of .* or a plug-in 'package.module:function'")]:
     with pytest.raises(ValueError, match=message):
-      masking.check_strategy(strategy)
+      strategies.check(strategy)
     with pytest.raises(ValueError, match=message):
       train.train_and_evaluate(
           tiny.config(str(tmp_path / 'data'), **{'mask.strategy': strategy}),

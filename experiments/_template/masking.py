@@ -1,6 +1,6 @@
 """A masking plug-in: mask.strategy='experiments.<this folder>.masking:choose'.
 
-The contract is in mlm_jax/masking.py's docstring: one row in, the tokens to
+The contract is in mlm_jax/masking/__init__.py's docstring: one row in, the tokens to
 predict out; the Masker does the 80/10/10 replacement and the rest. This one
 is BERT's token strategy written as a plug-in (k maskable tokens uniformly at
 random), a starting point to edit and a sanity arm that should match 'token'.
