@@ -467,3 +467,22 @@ def test_wordpiece_continuations_stay_with_their_word():
     chosen = set(pos[w > 0].tolist())
     for p in chosen & set(words):
       assert {q for q in words if words[q] == words[p]} <= chosen
+
+
+def test_a_new_row_strategy_is_one_function_and_one_entry(monkeypatch):
+  def prefix(key, ids_L, maskable_L, word_start_L, k, masker):
+    """The first k maskable tokens (README, "Extend")."""
+    del key, ids_L, word_start_L, masker
+    return maskable_L & (jnp.cumsum(maskable_L) <= k), k
+
+  monkeypatch.setitem(strategies.ROW_STRATEGIES, 'prefix', prefix)
+  ids = jnp.asarray([[1, 9, 9, 0, 9, 9, 9, 9, 9, 9, 2, 0]], jnp.int32)
+  m = masking.Masker((0, 1, 2), 3, 20, 4, strategy='prefix',
+                     word_start_V=np.ones(20, bool), mask_prob=1.0,
+                     random_prob=0.0)(jax.random.key(0), ids, rate=0.5)
+  # 8 maskable tokens at rate 0.5: K = 4, the first four of them.
+  np.testing.assert_array_equal(m.positions_BxK, [[1, 2, 4, 5]])
+  np.testing.assert_array_equal(m.inputs_BxL[0, [1, 2, 4, 5]], [3] * 4)
+  with pytest.raises(ValueError, match='prefix'):
+    monkeypatch.delitem(strategies.ROW_STRATEGIES, 'prefix')
+    masking.Masker((0, 1, 2), 3, 20, 4, strategy='prefix')

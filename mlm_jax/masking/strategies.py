@@ -187,8 +187,9 @@ def check(name: str) -> None:
   A plug-in ('package.module:function') is imported here, so a missing
   module or function fails before any data preparation or compilation.
   """
+  names = ('token', *ROW_STRATEGIES)
   if ':' in name:
     plugin(name)
-  elif name not in STRATEGIES:
-    raise ValueError(f"mask.strategy={name!r}; choose one of {STRATEGIES} or "
-                     "a plug-in 'package.module:function'.")
+  elif name not in names:
+    raise ValueError(f"mask.strategy={name!r}; choose one of {names} or a "
+                     "plug-in 'package.module:function'.")
