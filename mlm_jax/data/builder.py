@@ -45,31 +45,6 @@ CHUNKING_VERSION = 2
 CHUNK_CHARS = 1 << 20
 
 
-def pack(token_lists: Iterable[list[int]], seq_len: int,
-         cls_id: int, sep_id: int, pad_id: int
-         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Greedy packing of documents into rows; yields (input_ids, segment_ids).
-
-  The reference definition of the layout; builds use `packing.rows`, which
-  tests hold equal to this.
-  """
-  ids, segs, n = [cls_id], [1], 0
-  for tokens in token_lists:
-    tokens = tokens + [sep_id]
-    while tokens:
-      if len(ids) == seq_len:
-        yield np.array(ids, np.int32), np.array(segs, np.int32)
-        ids, segs, n = [cls_id], [1], 0
-      take, tokens = tokens[:seq_len - len(ids)], tokens[seq_len - len(ids):]
-      n += 1
-      ids += take
-      segs += [n] * len(take)
-  if n:
-    pad = seq_len - len(ids)
-    yield (np.array(ids + [pad_id] * pad, np.int32),
-           np.array(segs + [0] * pad, np.int32))
-
-
 class _Chars:
   """Progress position of a plain iterable of documents: no total known."""
   total = 0

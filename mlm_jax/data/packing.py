@@ -4,9 +4,9 @@ A split's documents, each followed by [SEP], form one token stream; row r is
 [CLS] followed by stream[r*(L-1) : (r+1)*(L-1)] (the last row padded), and a
 row's segment ids count the document pieces in it: 1 + the number of [SEP]s
 before each position. That is exactly what greedy packing
-(`builder.pack`) makes, but it needs no Python loop per token and any row
-can be made from its offset alone: workers write shards in parallel and a
-Beam pipeline assembles rows that straddle files.
+(tests/data/greedy_pack.py) makes, but it needs no Python loop per token and
+any row can be made from its offset alone: workers write shards in parallel
+and a Beam pipeline assembles rows that straddle files.
 """
 
 import hashlib

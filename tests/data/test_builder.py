@@ -5,6 +5,7 @@ import pytest
 
 from mlm_jax import data
 from mlm_jax.data import builder
+import greedy_pack
 
 CLS, SEP, PAD = 2, 3, 0
 
@@ -16,7 +17,7 @@ def _rows(source):
 
 
 def test_pack_exact_rows():
-  rows = list(builder.pack([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15]],
+  rows = list(greedy_pack.pack([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15]],
                            seq_len=6, cls_id=CLS, sep_id=SEP, pad_id=PAD))
   assert [r[0].tolist() for r in rows] == [
       [2, 5, 6, 7, 3, 8], [2, 3, 9, 10, 11, 12], [2, 13, 14, 15, 3, 0]]

@@ -20,6 +20,7 @@ from mlm_jax.data import builder
 from mlm_jax.data import packing
 from mlm_jax.data import parallel
 from mlm_jax.data import tokens
+import greedy_pack
 
 
 def _rows(source):
@@ -92,7 +93,7 @@ def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
   train = [prepared.tokenizer.encode(d) for d in texts
            if not packing.is_eval(np.array([packing.doc_hash(d)]), 0.1,
                                   lowest)[0]]
-  want = list(builder.pack([t for t in train if t], 16, 2, 3, 0))
+  want = list(greedy_pack.pack([t for t in train if t], 16, 2, 3, 0))
   np.testing.assert_array_equal(
       _rows(info), np.stack([np.stack(r) for r in want]))
   # Record sources give back their documents as written.
@@ -131,7 +132,7 @@ def test_packing_rows_equal_greedy_pack():
     for _ in range(50):
       docs = [list(rng.integers(5, 70000, rng.integers(0, 3 * seq_len)))
               for _ in range(rng.integers(1, 12))]
-      want = list(builder.pack([d for d in docs if d], seq_len, 2, 3, 0))
+      want = list(greedy_pack.pack([d for d in docs if d], seq_len, 2, 3, 0))
       ids, ends = packing.stream(
           np.array([t for d in docs for t in d], np.int32),
           np.array([len(d) for d in docs], np.int32),

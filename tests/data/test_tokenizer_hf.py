@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from mlm_jax import data
-from mlm_jax.data import builder
 from mlm_jax.data import pipeline
 from mlm_jax.data import tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import hf_dirs  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import greedy_pack
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +88,7 @@ def test_prepare_packs_with_the_hf_ids(tok, hf_dir, tmp_path, write_docs,
   assert (rows[:, 0] == 101).all()  # [CLS]
   assert (rows == 102).sum() >= 30  # a [SEP] after every document
   assert not np.isin(rows, [1, 2, 3, 4]).any()  # never our SentencePiece ids
-  ids, _ = next(builder.pack([[110, 111]], 6, tok.cls_id, tok.sep_id,
+  ids, _ = next(greedy_pack.pack([[110, 111]], 6, tok.cls_id, tok.sep_id,
                              tok.pad_id))
   np.testing.assert_array_equal(ids, [101, 110, 111, 102, 0, 0])
   batch = next(pipeline.eval_batches(prepared.eval_source,
