@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # those below.
 FLOORS = (
     ('mlm_jax', 'mlm_jax.checkpoint', 'mlm_jax.data', 'mlm_jax.data.*',
-     'mlm_jax.host_memory', 'mlm_jax.labelled', 'mlm_jax.layers',
+     'mlm_jax.host_memory', 'mlm_jax.labelled',
      'mlm_jax.masking', 'mlm_jax.masking.*', 'mlm_jax.metrics',
      'mlm_jax.model_config', 'mlm_jax.optimizer',
      'mlm_jax.preemption', 'mlm_jax.sharding'),
