@@ -78,9 +78,23 @@ def quiet_orbax_logs():
   logging.get_absl_logger().addFilter(_not_orbax_info)
 
 
+def _not_a_dropped_orbax_task(record) -> bool:
+  """False for asyncio's 'Task exception was never retrieved' of an Orbax
+  task: a failed save (e.g. a full disk) leaves one per array fragment, each
+  a traceback printed whenever the garbage collector finds it, in whatever
+  code runs then. The save's error itself is raised by `check`, `save` or
+  `finish`, with its cause."""
+  return not (record.name == 'asyncio' and
+              'never retrieved' in str(record.msg) and
+              '/orbax/' in record.getMessage())
+
+
 def manager(directory: str, keep: int,
             async_save: bool) -> ocp.CheckpointManager:
   """The manager of the checkpoints in DIRECTORY (made if missing)."""
+  asyncio_logger = std_logging.getLogger('asyncio')
+  if _not_a_dropped_orbax_task not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_not_a_dropped_orbax_task)
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       enable_async_checkpointing=async_save,
