@@ -42,10 +42,11 @@ setup(
         'hf': ['transformers==4.57.*', 'torch==2.13.0'],
         # torch: the HF parity tests run transformers' PyTorch BERT on CPU.
         # nbclient + ipykernel: CI executes launch/colab_tpu.ipynb on CPU.
-        # psutil: bench data's test. Not apache-beam: it needs protobuf < 7,
+        # psutil: bench data's test. pytest-xdist: the suite on 2 processes
+        # (pytest.ini). Not apache-beam: it needs protobuf < 7,
         # which breaks sentencepiece 0.2.3's model proto (used by the HF
         # tokenizer tests); tests/data/test_beam.py makes its own environment.
-        'test': ['pytest', 'hypothesis', 'scipy', 'torch==2.13.0',
+        'test': ['pytest', 'pytest-xdist', 'hypothesis', 'scipy', 'torch==2.13.0',
                  'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel',
                  'psutil'],
     },

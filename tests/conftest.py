@@ -29,5 +29,14 @@ import pytest  # noqa: E402  (after the environment is set)
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """One data cache (tokenizer + packed demo corpus) for the whole session."""
-  return str(tmp_path_factory.mktemp('data'))
+  """One data cache (tokenizer + packed demo corpus) for the whole session.
+
+  Shared by pytest-xdist's workers (the parent of their base temp dirs is
+  the session's): data.prepare locks a dataset while it builds it, so the
+  first worker builds and the others wait, then reuse it.
+  """
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    return str(tmp_path_factory.mktemp('data'))
+  shared = tmp_path_factory.getbasetemp().parent / 'data'
+  shared.mkdir(exist_ok=True)
+  return str(shared)
