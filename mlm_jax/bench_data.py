@@ -24,8 +24,12 @@ import shutil
 import subprocess
 import sys
 import time
+from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
 
 from absl import flags
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mlm_jax.data import sources
 from mlm_jax.data import tokenizer as tokenizer_lib
@@ -69,7 +73,6 @@ print('RESULT ' + json.dumps(dict(seconds=seconds, cpu_s=main + workers,
 
 def _demo_pages() -> list[tuple[str, str]]:
   """(title, wikitext) of the excerpt's articles."""
-  import xml.etree.ElementTree as ET  # pylint: disable=g-import-not-at-top
   pages = []
   with bz2.open(sources._demo_path()) as f:  # pylint: disable=protected-access
     for _, elem in ET.iterparse(f):
@@ -116,7 +119,6 @@ def make_corpus(fmt: str, size_mb: float, root: str) -> str:
   tmp = path + '.tmp'
   if fmt == 'xml':
     pages = _copies(_demo_pages(), size, lambda p: len(p[1]) + 200)
-    from xml.sax.saxutils import escape  # pylint: disable=g-import-not-at-top
     with bz2.open(tmp, 'wt', encoding='utf-8') as f:
       f.write('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n')
       for c, (title, text) in pages:
@@ -135,8 +137,6 @@ def make_corpus(fmt: str, size_mb: float, root: str) -> str:
         for d in docs:
           f.write(json.dumps({'id': len(d), 'text': d}) + '\n')
     else:
-      import pyarrow as pa  # pylint: disable=g-import-not-at-top
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
       pq.write_table(pa.table({'text': docs}), tmp, row_group_size=1000)
   os.replace(tmp, path)
   return path

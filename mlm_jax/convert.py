@@ -29,6 +29,7 @@ import json
 import os
 import pprint
 import shutil
+import tempfile
 
 from absl import app
 from absl import flags
@@ -228,7 +229,6 @@ def _sentencepiece_backend(tok):
   # The submodule by path: `transformers.convert_slow_tokenizer` can also be
   # the function of that name, depending on what was imported before.
   from transformers.convert_slow_tokenizer import SpmConverter  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'sp.model')

@@ -50,11 +50,13 @@ import numpy as np
 import optax
 
 from mlm_jax import checkpoint
+from mlm_jax import data
 from mlm_jax import host_memory
 from mlm_jax import labelled
 from mlm_jax import model
 from mlm_jax import optimizer
 from mlm_jax import run_dir
+from mlm_jax.data import sources
 
 
 POOLINGS = ('mean', 'first')
@@ -230,8 +232,6 @@ def load_task(task: str, config, args: dict) -> labelled.Task:
     return labelled.table_task(
         task, args['test_file'] or None, args['dev_file'] or None,
         args['text_column'], args['label_column'], args['text_b_column'])
-  from mlm_jax import data  # pylint: disable=g-import-not-at-top
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   # The same cleaned-text cache as pretraining on the demo corpus.
   docs = list(sources.documents(
       sources.DEMO, cache_dir=os.path.join(data.data_dir(config.data),

@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import functools
 import os
+import shlex
 from typing import Any, TYPE_CHECKING
 
 from absl import logging
@@ -55,7 +56,6 @@ def tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
 
 
 def _beam_download_config(data_config: ml_collections.ConfigDict):
-  import shlex  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not data_config.tokenizer:
     raise ValueError(
