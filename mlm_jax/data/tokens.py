@@ -28,8 +28,9 @@ from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ('train', 'validation')
-# Tokens per shard (about 150 MB of rows at L=128); a split has at least one
-# shard per worker once it has enough rows to be worth splitting.
+# Tokens per shard (about 150 MB of rows at L=128), at most; a split has at
+# least one shard per worker once it has enough rows to be worth splitting,
+# and past that a multiple of the worker count.
 _SHARD_TOKENS = 1 << 25
 _MIN_SHARD_ROWS = 1 << 12
 # Rows serialized at a time inside a shard: bounds a worker's memory.
@@ -144,6 +145,8 @@ def plan(chunks: list[ChunkStats], eval_fraction: float, seq_len: int,
     rows = -(-start // (seq_len - 1))
     n = max(-(-rows * seq_len // _SHARD_TOKENS),
             min(workers, -(-rows // _MIN_SHARD_ROWS)), 1)
+    if n > workers:  # whole rounds of shards: no worker idles at the end
+      n = -(-n // workers) * workers
     bounds = [rows * i // n for i in range(n + 1)]
     shards = []
     for a, b in zip(bounds, bounds[1:]):

@@ -251,3 +251,34 @@ def test_killed_build_resumes_from_its_finished_chunks(tmp_path, make_docs,
   # ...and made the rows of a build that was never killed.
   clean, _ = build('clean').communicate()
   assert 'ROWS ' in out and out.split()[-1] == clean.split()[-1]
+
+
+@pytest.mark.parametrize('workers, shard_tokens, want', [
+    (2, 96, [4, 1]),    # train 3 shards by size -> 4; validation stays 1
+    (2, 1000, [2, 1]),  # train: one per worker; validation too small to split
+    (3, 96, [3, 1]),    # train 3 by size: already a whole round
+    (1, 96, [3, 1]),    # serial: by size alone
+])
+def test_shards_come_in_whole_rounds_of_workers(monkeypatch, workers,
+                                                shard_tokens, want):
+  """Past one shard per worker, a split's shard count is a multiple of the
+  workers (3 shards on 2 workers would leave one idle while the last is
+  written); the shards still cover every row once, in order."""
+  monkeypatch.setattr(tokens, '_SHARD_TOKENS', shard_tokens)
+  monkeypatch.setattr(tokens, '_MIN_SHARD_ROWS', 2)
+  # 12 chunks of 3 train documents of 5 tokens (a stream of 216 tokens: 72
+  # rows of 4, 288 row tokens); validation: one document, in chunk 0.
+  chunks = [tokens.ChunkStats(
+      path=f'c{i}', documents=3 + (i == 0), chars=100,
+      min_hash=0.05 if i == 0 else 0.5,
+      counts={'train': (3, 15, 18),
+              'validation': (1, 5, 6) if i == 0 else (0, 0, 0)},
+      at_min=(1, 5, 6)) for i in range(12)]
+  plans = tokens.plan(chunks, eval_fraction=0.1, seq_len=4,
+                      workers=workers)
+  assert plans['train'].rows == 72 and plans['validation'].rows == 2
+  assert [len(plans[s].shards) for s in tokens.SPLITS] == want
+  for p in plans.values():
+    bounds = [(a, b) for a, b, _ in p.shards]
+    assert bounds[0][0] == 0 and bounds[-1][1] == p.rows
+    assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
