@@ -45,6 +45,7 @@ from mlm_jax import bench_quality_peers as peers
 from mlm_jax import data
 from mlm_jax import masking
 from mlm_jax import model_config
+from mlm_jax import plot
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 _SIZES = flags.DEFINE_list('quality_sizes', ['tiny', 'mini'],
@@ -79,7 +80,7 @@ _VOCAB = flags.DEFINE_integer('quality_vocab_size', 8192,
 _PNG = flags.DEFINE_string('quality_png', '', 'quality: plot to this PNG.')
 _SEED = 0
 _EVAL_BATCH = 32
-_CALIBRATION_STEPS = 4  # timed, after 2 untimed ones (compile, warm caches)
+_CALIBRATION_TURNS = 5  # timed steps each, after 2 untimed (compile, caches)
 
 
 def check_flags() -> None:
@@ -174,16 +175,24 @@ def _timed_steps(trainer, n: int) -> float:
   return time.perf_counter() - start
 
 
-def calibrate(name: str, config_of, prepared, blocks) -> dict:
-  """Seconds of a contender's first step (compile) and of each step after,
-  so every run's schedule can end at the budget (untimed, thrown away)."""
-  trainer = peers.make(name, config_of(1e-4, 1000), prepared, blocks)
-  first_s = _timed_steps(trainer, 1)
-  _timed_steps(trainer, 1)
-  step_s = _timed_steps(trainer, _CALIBRATION_STEPS) / _CALIBRATION_STEPS
-  del trainer
+def calibrate(names, config_of, prepared, blocks) -> dict:
+  """{name: seconds of its first step (compile) and of each step after}, so
+  every run's schedule can end at the budget. Untimed and thrown away; the
+  contenders take turns, so a change of the machine's load hits all alike."""
+  trainers = {n: peers.make(n, config_of[n](1e-4, 1000), prepared, blocks)
+              for n in names}
+  out = {n: {'first_step_s': _timed_steps(t, 1)} for n, t in trainers.items()}
+  for t in trainers.values():
+    _timed_steps(t, 1)
+  times = {n: [] for n in names}
+  for turn in range(_CALIBRATION_TURNS):
+    for n in (names if turn % 2 == 0 else names[::-1]):
+      times[n].append(_timed_steps(trainers[n], 1))
+  for n in names:
+    out[n]['step_s'] = float(np.median(times[n]))
+  del trainers
   gc.collect()
-  return {'first_step_s': first_s, 'step_s': step_s}
+  return out
 
 
 def run_one(trainer, budget_s: float, num_steps: int, evals: int, ev: dict,
@@ -327,21 +336,23 @@ def quality_bench() -> dict:
   result['hf_blocks'] = len(blocks)
   names = _CONTENDERS.value
   for size in _SIZES.value:
+    config_of = {
+        name: (lambda lr, steps, name=name, size=size:
+               peers.contender_config(
+                   name, size=size, batch=_BATCH.value, seq_len=seq_len,
+                   learning_rate=lr, num_steps=steps,
+                   warmup_frac=_WARMUP_FRAC.value, seed=_SEED,
+                   data_config=data_config, best=_BEST.value))
+        for name in names}
+    calibration = calibrate(names, config_of, prepared, blocks)
     contenders = {}
     for name in names:
       lrs = _BEST_LRS.value if name == 'mlm_jax_best' else _LRS.value
-      config_of = (lambda lr, steps, name=name, size=size:
-                   peers.contender_config(
-                       name, size=size, batch=_BATCH.value, seq_len=seq_len,
-                       learning_rate=lr, num_steps=steps,
-                       warmup_frac=_WARMUP_FRAC.value, seed=_SEED,
-                       data_config=data_config, best=_BEST.value))
-      cal = calibrate(name, config_of, prepared, blocks)
+      cal = calibration[name]
       # The schedule ends at the budget (compile time is off the clock).
       steps = max(10, int(_BUDGET.value / cal['step_s']))
       contenders[name] = {'lrs': [float(x) for x in lrs], 'calibration': cal,
-                          'planned_steps': steps, 'config_of': config_of,
-                          'runs': {}}
+                          'planned_steps': steps, 'runs': {}}
       print(f'[{size}] {name}: {cal["step_s"] * 1e3:.0f} ms/step, first step '
             f'{cal["first_step_s"]:.1f} s -> {steps} planned steps',
             flush=True)
@@ -350,7 +361,7 @@ def quality_bench() -> dict:
         c = contenders[name]
         lr = c['lrs'][i]
         load_before = os.getloadavg()[0]
-        trainer = peers.make(name, c['config_of'](lr, c['planned_steps']),
+        trainer = peers.make(name, config_of[name](lr, c['planned_steps']),
                              prepared, blocks)
         run = run_one(trainer, _BUDGET.value, c['planned_steps'],
                       _EVALS.value, ev, c['calibration']['step_s'])
@@ -364,53 +375,13 @@ def quality_bench() -> dict:
               f'(best {run["best_loss"]:.4f}), [MASK] acc '
               f'{run["final_mask_accuracy"]:.4f}, load '
               f'{load_before:.2f} -> {run["load_after"]:.2f}', flush=True)
-    for c in contenders.values():
-      del c['config_of']
     result['sizes'][size] = {'contenders': contenders,
                              **summarize(contenders)}
   result['load_after'] = os.getloadavg()[0]
   if _PNG.value:
-    draw(result, _PNG.value)
+    plot.draw_quality(result, _PNG.value)
     result['png'] = _PNG.value
   return result
-
-
-def draw(result: dict, out: str) -> None:
-  """Eval loss and [MASK] accuracy against training seconds and tokens seen:
-  one row of panels per size, one colour per contender, its best rate solid
-  and the rest of its sweep faint (mlm_jax.plot's style)."""
-  # pylint: disable=g-import-not-at-top
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  # pylint: enable=g-import-not-at-top
-  sizes = result['sizes']
-  fig, axes = plt.subplots(len(sizes), 3, figsize=(15, 4.2 * len(sizes)),
-                           squeeze=False)
-  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  panels = (('train_s', 'loss', 'training seconds (eval excluded)'),
-            ('tokens', 'loss', 'tokens seen'),
-            ('train_s', 'mask_accuracy', 'training seconds (eval excluded)'))
-  for row, (size, s) in enumerate(sizes.items()):
-    for col, (x, y, xlabel) in enumerate(panels):
-      ax = axes[row][col]
-      for i, (name, c) in enumerate(s['contenders'].items()):
-        for run in c['runs'].values():
-          is_best = run['lr'] == c['best_lr']
-          ax.plot([p[x] for p in run['curve']], [p[y] for p in run['curve']],
-                  '-' if is_best else ':', color=colors[i % len(colors)],
-                  alpha=1.0 if is_best else 0.4, marker='.',
-                  label=f"{name} lr {run['lr']:g}" if is_best else None)
-      if y == 'loss':
-        ax.axhline(s['target_loss'], color='gray', lw=0.8, ls='--',
-                   label='target')
-      ax.set_title(f"{size}: eval {'MLM loss' if y == 'loss' else '[MASK] accuracy'}")
-      ax.set_xlabel(xlabel)
-      ax.grid(alpha=0.3)
-    axes[row][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
 
 
 def print_quality(result: dict) -> None:
