@@ -30,6 +30,7 @@ import numpy as np
 
 from configs import base
 from mlm_jax import bench_data
+from mlm_jax import bench_quality
 from mlm_jax import build
 from mlm_jax import data
 from mlm_jax import bench_peers as peers
@@ -503,7 +504,9 @@ def print_train(result: dict) -> None:
 SUBCOMMANDS = {'masking': (masking_bench, print_table),
                'train': (train_bench, print_train),
                'e2e': (e2e_bench, print_e2e),
-               'data': (bench_data.data_bench, bench_data.print_data)}
+               'data': (bench_data.data_bench, bench_data.print_data),
+               'quality': (bench_quality.quality_bench,
+                           bench_quality.print_quality)}
 
 
 def main(argv):

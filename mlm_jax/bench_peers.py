@@ -102,6 +102,18 @@ def hf_torch_step(config, mcfg, compile_model: bool):
   (fused, no decay on biases and LayerNorm weights), loss.backward(), the
   gradient clipped to norm 1.0, optimizer.step(), zero_grad; SDPA attention.
   """
+  return hf_torch_trainer(config, mcfg, compile_model)[0]
+
+
+def hf_torch_trainer(config, mcfg, compile_model: bool,
+                     lr_schedule: bool = False):
+  """(step(batch), the model): hf_torch_step's loop body and its model.
+
+  lr_schedule: also step the Trainer's default scheduler after each update
+  (linear warmup over config.warmup_steps, linear decay to 0 at
+  config.num_steps, as optimizer.learning_rate_schedule); without it the
+  rate stays at config.learning_rate (the step-time benchmark).
+  """
   # pylint: disable=g-import-not-at-top
   import torch
   import transformers
@@ -119,6 +131,11 @@ def hf_torch_step(config, mcfg, compile_model: bool):
   opt = torch.optim.AdamW(groups, lr=config.learning_rate,
                           betas=(config.adam_b1, config.adam_b2),
                           eps=config.adam_eps, fused=True)
+  scheduler = None
+  if lr_schedule:
+    # transformers.get_linear_schedule_with_warmup, the Trainer's default.
+    scheduler = transformers.get_linear_schedule_with_warmup(
+        opt, config.warmup_steps, config.num_steps)
   forward = torch.compile(hf_model) if compile_model else hf_model
 
   def step(batch):
@@ -127,10 +144,12 @@ def hf_torch_step(config, mcfg, compile_model: bool):
     torch.nn.utils.clip_grad_norm_(hf_model.parameters(),
                                    config.grad_clip_norm)
     opt.step()
+    if scheduler is not None:
+      scheduler.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
-  return step
+  return step, hf_model
 
 
 def hf_batches(ids_BxL: np.ndarray, count: int, vocab_size: int, rate: float):

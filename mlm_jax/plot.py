@@ -7,6 +7,10 @@ Reads each run's WORKDIR/metrics.jsonl (and config.json for the tokens per
 step) and draws loss and MLM accuracy, train and eval, against steps and
 against tokens: 2 x 2 panels, one colour per run, train dashed and eval
 solid. TensorBoard reads the same runs from WORKDIR/tensorboard.
+
+`draw_quality` draws the JSON of `python -m mlm_jax.bench quality` (eval
+loss and [MASK] accuracy against training seconds and tokens seen) in the
+same style.
 """
 import json
 import os
@@ -89,6 +93,39 @@ def draw(runs, out: str):
                     'tokens (batch x seq_len x step)')
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def draw_quality(result: dict, out: str) -> None:
+  """Eval loss and [MASK] accuracy against training seconds and tokens seen:
+  one row of panels per size, one colour per contender, its best rate solid
+  and the rest of its sweep faint (`python -m mlm_jax.bench quality`)."""
+  sizes = result['sizes']
+  fig, axes = plt.subplots(len(sizes), 3, figsize=(15, 4.2 * len(sizes)),
+                           squeeze=False)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  panels = (('train_s', 'loss', 'training seconds (eval excluded)'),
+            ('tokens', 'loss', 'tokens seen'),
+            ('train_s', 'mask_accuracy', 'training seconds (eval excluded)'))
+  for row, (size, s) in enumerate(sizes.items()):
+    for col, (x, y, xlabel) in enumerate(panels):
+      ax = axes[row][col]
+      for i, (name, c) in enumerate(s['contenders'].items()):
+        for run in c['runs'].values():
+          is_best = run['lr'] == c['best_lr']
+          ax.plot([p[x] for p in run['curve']], [p[y] for p in run['curve']],
+                  '-' if is_best else ':', color=colors[i % len(colors)],
+                  alpha=1.0 if is_best else 0.4, marker='.',
+                  label=f"{name} lr {run['lr']:g}" if is_best else None)
+      if y == 'loss':
+        ax.axhline(s['target_loss'], color='gray', lw=0.8, ls='--',
+                   label='target')
+      ax.set_title(f"{size}: eval {'MLM loss' if y == 'loss' else '[MASK] accuracy'}")
+      ax.set_xlabel(xlabel)
+      ax.grid(alpha=0.3)
+    axes[row][0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)
