@@ -46,7 +46,6 @@ from mlm_jax import data
 from mlm_jax import masking
 from mlm_jax import model_config
 from mlm_jax import plot
-from mlm_jax.data import tokenizer as tokenizer_lib
 
 _SIZES = flags.DEFINE_list('quality_sizes', ['tiny', 'mini'],
                            'quality: model.PRESETS sizes, raced in turn.')
