@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -230,16 +229,6 @@ def _load() -> float:
   return os.getloadavg()[0]
 
 
-def _commit() -> str:
-  try:
-    return subprocess.run(
-        ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-        text=True, check=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def _threads() -> int:
   return _THREADS.value or len(os.sched_getaffinity(0))
 
@@ -351,7 +340,7 @@ def train_bench() -> dict:
       'peak_flops_per_s': peak, 'peak_source': peak_source,
       'threads': _threads(), 'torch_compile': _TORCH_COMPILE.value,
       'load_before': load_before, 'load_after': _load(),
-      'commit': _commit(), **_versions(), 'contenders': {},
+      'commit': peers.commit(), **_versions(), 'contenders': {},
   }
   ours_s = statistics.median(times['mlm_jax']) if 'mlm_jax' in times else None
   for name, seconds in times.items():
@@ -435,7 +424,7 @@ def e2e_bench() -> dict:
       'loop_window_tokens_per_s': rates, 'loop_tokens_per_s': loop_rate,
       'loop_over_bare': loop_rate / bare_rate,
       'load_before': load_before, 'load_after': _load(),
-      'threads': len(os.sched_getaffinity(0)), 'commit': _commit(),
+      'threads': len(os.sched_getaffinity(0)), 'commit': peers.commit(),
       **_versions()}
 
 

@@ -4,9 +4,11 @@ Hugging Face's BERT, built offline from a local config (no hub download):
 the tokenizer and data collator (masking on the host), FlaxBertForMaskedLM
 with the train step of transformers' run_mlm_flax.py, and BertForMaskedLM
 in the PyTorch loop transformers' Trainer runs. transformers and torch are
-imported inside the functions: they come with the `bench` extra.
+imported inside the functions: they come with the `bench` extra. Also the
+commit every benchmark stamps on its JSON.
 """
 import os
+import subprocess
 import tempfile
 
 import flax
@@ -19,6 +21,18 @@ import optax
 from mlm_jax import hf
 from mlm_jax import optimizer
 from mlm_jax.data import tokenizer as tokenizer_lib
+
+def commit() -> str:
+  """The short git commit of this checkout, stamped on every benchmark's
+  JSON ('unknown' outside a git checkout)."""
+  try:
+    return subprocess.run(
+        ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+        text=True, check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
 
 SPECIAL_IDS = tuple(tokenizer_lib.SPECIALS.values())
 PAD = tokenizer_lib.SPECIALS['[PAD]']

@@ -31,7 +31,6 @@ Must not: train (the contenders do) or write BENCHMARKS.md.
 import gc
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,7 @@ import jax
 import numpy as np
 
 from configs import cpu
+from mlm_jax import bench_peers
 from mlm_jax import bench_quality_peers as peers
 from mlm_jax import data
 from mlm_jax import masking
@@ -291,19 +291,13 @@ def _machine() -> dict:
                     if l.startswith('model name')), model)
   except OSError:
     pass
-  try:
-    commit = subprocess.run(
-        ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-        text=True, check=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = 'unknown'
   versions = {}
   for name in ('jax', 'flax', 'transformers', 'torch'):
     versions[name] = getattr(sys.modules.get(name) or __import__(name),
                              '__version__', None)
   return {'cpu': model, 'cores': len(os.sched_getaffinity(0)),
-          'device_kind': jax.devices()[0].device_kind, 'commit': commit,
+          'device_kind': jax.devices()[0].device_kind,
+          'commit': bench_peers.commit(),
           'date_utc': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
           'versions': versions}
 
@@ -330,7 +324,8 @@ def quality_bench() -> dict:
   result['eval'] = {'rows': len(ev['inputs_BxL']),
                     'predictions': int(ev['weights_BxK'].sum()),
                     'mask_positions': int(np.sum(
-                        ev['weights_BxK'] * (ev['kinds_BxK'] == 0)))}
+                        ev['weights_BxK'] *
+                        (ev['kinds_BxK'] == masking.REPLACED_MASK)))}
   result['train_rows'] = len(prepared.train_source)
   result['hf_blocks'] = len(blocks)
   names = _CONTENDERS.value

@@ -325,7 +325,8 @@ def test_a_failed_saves_abandoned_tasks_print_no_traceback(tmp_path, caplog):
   async def not_orbax():
     raise OSError(28, 'No space left on device')
 
-  checkpoint.manager(str(tmp_path / 'checkpoints'), keep=1, async_save=False)
+  checkpoint.finish(checkpoint.manager(str(tmp_path / 'checkpoints'), keep=1,
+                                      async_save=False))  # installs the filter
   with caplog.at_level(logging.WARNING):
     _abandon_a_failed_task(async_path.read_bytes(epath.Path(
         tmp_path / 'missing')))
