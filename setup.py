@@ -11,6 +11,7 @@ setup(
     install_requires=[
         'absl-py',
         'array_record',
+        'etils[epath]',  # paths in buckets (gs://), as TFDS reads them
         'flax>=0.12',
         'gensim>=4.3',  # ships the Wikipedia excerpt used as the demo corpus
         'grain>=0.2.12',
@@ -37,6 +38,9 @@ setup(
         'bench': ['transformers==4.57.*', 'torch==2.13.0', 'psutil'],
         # beam: dataset builds on a Beam runner (data.beam_runner).
         'beam': ['apache-beam>=2.60'],
+        # gcs: gs:// sources (etils.epath reads them with gcsfs when
+        # TensorFlow is not installed).
+        'gcs': ['gcsfs'],
         # convert: importing a vocab.txt-only model, exporting a SentencePiece
         # vocabulary as an HF fast tokenizer; torch reads pytorch_model.bin.
         'hf': ['transformers==4.57.*', 'torch==2.13.0'],
@@ -46,7 +50,9 @@ setup(
         # (pytest.ini). Not apache-beam: it needs protobuf < 7,
         # which breaks sentencepiece 0.2.3's model proto (used by the HF
         # tokenizer tests); tests/data/test_beam.py makes its own environment.
+        # fsspec: test_files serves gs:// from a local directory through it.
         'test': ['pytest', 'pytest-xdist', 'hypothesis', 'scipy', 'torch==2.13.0',
+                 'fsspec',
                  'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel',
                  'psutil'],
     },

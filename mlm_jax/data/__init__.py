@@ -117,8 +117,13 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
       data_config.source, cache_dir=os.path.join(root, 'text'),
       text_field=data_config.text_field, workers=workers)
   path = tokenizer_path(data_config)
-  if data_config.tokenizer or os.path.exists(path):
+  in_bucket = '://' in root
+  if data_config.tokenizer or (not in_bucket and os.path.exists(path)):
     tok = tokenizer_lib.load(path)
+  elif in_bucket:
+    raise ValueError(f'data.data_dir={root!r} is in a bucket: give '
+                     'data.tokenizer (python -m mlm_jax.data.tokenizer '
+                     '--source=<a few shards> --out=sp.model).')
   else:
     logging.info('Training a tokenizer on %s', data_config.source)
     tok = tokenizer_lib.train(documents, data_config.vocab_size, path)
@@ -131,6 +136,11 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
   rows = make_builder()
   tfds.disable_progress_bar()  # Progress bars garble logs.
   if not rows.data_path.exists():
+    if in_bucket and not data_config.beam_runner:
+      raise ValueError(
+          f'No dataset yet under data.data_dir={root!r}: a local build writes '
+          'to a local (or mounted) directory; a bucket takes a Beam build (set '
+          'data.beam_runner; DirectRunner builds on this host).')
     with _build_lock(f'{rows.data_path.parent}.lock'):
       rows = make_builder()  # Another process may have built it meanwhile.
       rows.download_and_prepare(download_config=download_config)

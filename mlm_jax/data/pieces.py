@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mlm_jax.data import files as files_lib
 from mlm_jax.data import parallel
 from mlm_jax.data import records
 
@@ -53,6 +54,33 @@ class Piece:
     if self.kind == 'docs':
       return sum(map(len, self.data))
     return len(self.data)
+
+
+class Position:
+  """Bytes of the source read so far, for progress and ETA."""
+
+  def __init__(self, files: list[str]):
+    self.start(sum(map(files_lib.size, files)))
+
+  def start(self, total: int) -> None:
+    """A new pass over `total` bytes."""
+    self.total = total
+    self._done = 0
+    self._raw = None
+
+  def bytes(self) -> int:
+    try:
+      return self._done + (self._raw.tell() if self._raw else 0)
+    except ValueError:  # closed
+      return self._done
+
+  def open(self, path: str):
+    self._raw = files_lib.open_binary(path)
+    return self._raw
+
+  def close(self, path: str):
+    self._done += files_lib.size(path)
+    self._raw = None
 
 
 def read_error(path: str, e: Exception) -> ValueError:

@@ -15,6 +15,8 @@ import io
 import json
 import os
 
+from mlm_jax.data import files
+
 JSONL = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.bz2', '.json.gz')
 PARQUET = ('.parquet',)
 ARROW = ('.arrow',)
@@ -52,16 +54,16 @@ def open_binary(path: str, raw):
 def hf_dataset_files(directory: str) -> list[str]:
   """The arrow files of a `datasets` `save_to_disk` directory, in order."""
   state = os.path.join(directory, 'state.json')
-  if os.path.isfile(os.path.join(directory, 'dataset_dict.json')):
-    splits = sorted(d for d in os.listdir(directory)
-                    if os.path.isdir(os.path.join(directory, d)))
+  if files.isfile(os.path.join(directory, 'dataset_dict.json')):
+    splits = sorted(d for d in files.listdir(directory)
+                    if files.isdir(os.path.join(directory, d)))
     raise ValueError(f'{directory!r} is a DatasetDict; point data.source at '
                      f'one of its splits: {splits} (e.g. {directory}/train).')
-  if not os.path.isfile(state):
+  if not files.isfile(state):
     raise ValueError(f'{directory!r} is a directory but not a Hugging Face '
                      'dataset saved with save_to_disk (no state.json); give '
                      'files or globs instead.')
-  with open(state) as f:
+  with files.open_binary(state) as f:
     names = [d['filename'] for d in json.load(f)['_data_files']]
   return [os.path.join(directory, n) for n in names]
 
@@ -73,7 +75,7 @@ def _field_error(path: str, field: str, found) -> ValueError:
 
 
 def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
-  with open(path, 'rb') as raw, open_binary(path, raw) as f:
+  with files.open_binary(path) as raw, open_binary(path, raw) as f:
     for number, line in enumerate(f, 1):
       if line.strip():
         yield number, line
@@ -99,14 +101,16 @@ def jsonl_text(path: str, number: int, line: bytes, field: str) -> str:
 def arrow_batches(path: str, field: str, kind_: str):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  # A bucket's object is read through a Python file; a local file by pyarrow.
+  remote = files.is_url(path)
   if kind_ == 'parquet':
-    f = pq.ParquetFile(path)
-    names = f.schema_arrow.names
-    if field not in names:
-      raise _field_error(path, field, names)
-    yield from f.iter_batches(batch_size=_BATCH_ROWS, columns=[field])
+    with pq.ParquetFile(files.open_binary(path) if remote else path) as f:
+      names = f.schema_arrow.names
+      if field not in names:
+        raise _field_error(path, field, names)
+      yield from f.iter_batches(batch_size=_BATCH_ROWS, columns=[field])
     return
-  with pa.memory_map(path) as source:
+  with files.open_binary(path) if remote else pa.memory_map(path) as source:
     try:
       reader = pa.ipc.open_stream(source)  # what save_to_disk writes
     except pa.ArrowInvalid:

@@ -1,8 +1,8 @@
 """Text sources: the demo corpus, Wikipedia dumps, text and record files.
 
 A source is a string: 'demo', or a comma-separated list of paths, globs and
-Hugging Face `datasets` directories (saved with `save_to_disk`). Each file's
-kind comes from its name:
+Hugging Face `datasets` directories (saved with `save_to_disk`), local or in a
+bucket (gs://: `files`). Each file's kind comes from its name:
 
 - a name containing '.xml' is a Wikipedia pages-articles dump
   (`enwiki-...-pages-articles1.xml-p1p41242.bz2` keeps '.xml' mid-name);
@@ -12,52 +12,37 @@ kind comes from its name:
   convention), optionally `.gz`, `.bz2` or `.zst` compressed.
 
 Every source yields documents as strings whose lines are paragraphs, with
-runs of whitespace collapsed. Dumps are cleaned once, in parallel, into a
-cache of cleaned text that the tokenizer and the builder then read. A build
-reads the source as raw `pieces` that its workers decode into documents.
+runs of whitespace collapsed. Dumps (`wiki`) are cleaned once, in parallel,
+into a cache of cleaned text that the tokenizer and the builder then read. A
+build reads the source as raw `pieces` that its workers decode into
+documents.
 """
 
 from collections.abc import Iterator
-import glob
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import uuid
-import xml.etree.ElementTree as ET
 
 from absl import logging
-import mwparserfromhell
-from mwparserfromhell import nodes
 
+from mlm_jax.data import files as files_lib
 from mlm_jax.data import parallel
 from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import records
+from mlm_jax.data import wiki
 
 DEMO = 'demo'
 _DEMO_FILE = ('test/test_data/enwiki-latest-pages-articles1.xml-'
               'p000000010p000030302-shortened.bz2')
 # Bump when the cleaning changes, so cached cleaned text and everything built
 # from it is made again.
-CLEAN_VERSION = 1
-MIN_PAGE_CHARS = 200
 # Wikitext per cleaning task: big enough that a worker's pickling and logging
 # cost nothing, small enough that a killed build loses little.
 _CLEAN_CHUNK_CHARS = 1 << 18
 
-# Formatting tags whose contents are prose; every other tag (ref, table,
-# math, gallery, ...) is dropped whole.
-_KEEP_TAGS = frozenset(
-    'b i u s em strong small big sub sup span abbr font center blockquote p '
-    'poem dd dt li'.split())
-_DROP_LINK_PREFIXES = frozenset(['file', 'image', 'media', 'category'])
-# Interlanguage links ([[de:Foo]]) carry a language-code prefix and no text.
-_LANG_PREFIX = re.compile(r'^([a-z]{2,3}(-[a-z]+)*|simple)$')
-# Bold/italic quote runs, left as text by skip_style_tags below.
-_QUOTES = re.compile("'{2,}")
-_MAGIC_WORD = re.compile(r'__\w+__')
 
 
 def _demo_path() -> str:
@@ -71,19 +56,19 @@ def _demo_path() -> str:
 
 
 def _expand(part: str) -> list[str]:
-  if glob.has_magic(part):
-    matched = sorted(glob.glob(part))
+  if files_lib.has_magic(part):
+    matched = files_lib.glob(part)
     if not matched:
       raise ValueError(f'The glob {part!r} matches no file; fix the pattern '
                        "or the data.source setting (or use 'demo').")
-  elif os.path.exists(part):
+  elif files_lib.exists(part):
     matched = [part]
   else:
     raise ValueError(f'No such file: {part!r}; fix the path in data.source '
                      "(or use 'demo').")
   files = []
   for path in matched:
-    if os.path.isdir(path):
+    if files_lib.isdir(path):
       files += records.hf_dataset_files(path)
     else:
       files.append(path)
@@ -99,21 +84,17 @@ def resolve(source: str) -> list[str]:
     return [_demo_path()]
   files = []
   for part in filter(None, (p.strip() for p in source.split(','))):
-    files += _expand(os.path.expanduser(part))
+    files += _expand(files_lib.expand_user(part))
   if not files:
     raise ValueError(f'Empty data.source {source!r}: give "demo", a Wikipedia '
                      'dump, or text files/globs separated by commas.')
-  empty = [f for f in files if os.path.getsize(f) == 0]
+  empty = [f for f in files if files_lib.size(f) == 0]
   if len(empty) == len(files):
     raise ValueError(f'The corpus {source!r} is empty: {files} hold no bytes.')
   if empty:
     logging.warning('Skipping %d empty file(s) of %s: %s', len(empty), source,
                     empty[:10])
   return [f for f in files if f not in set(empty)]
-
-
-def is_dump(path: str) -> bool:
-  return '.xml' in os.path.basename(path)
 
 
 def fingerprint(source: str, one_doc_per_file: bool = False,
@@ -126,11 +107,10 @@ def fingerprint(source: str, one_doc_per_file: bool = False,
     parts = []
     files = resolve(source)
     for f in files:
-      st = os.stat(f)
-      parts += [os.path.realpath(f), st.st_size, st.st_mtime_ns]
+      parts += files_lib.identity(f)
     if any(map(records.kind, files)):
       parts.append(text_field)
-  parts += [CLEAN_VERSION, one_doc_per_file]
+  parts += [wiki.CLEAN_VERSION, one_doc_per_file]
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -141,7 +121,7 @@ def check(files: list[str], text_field: str) -> None:
       records.check(path, text_field)
       continue
     head = _head(path)
-    if is_dump(path) and b'<mediawiki' not in head:
+    if wiki.is_dump(path) and b'<mediawiki' not in head:
       raise ValueError(f'{path} is named like a Wikipedia dump (.xml) but does '
                        'not start with <mediawiki>; rename it or fix '
                        'data.source.')
@@ -149,140 +129,23 @@ def check(files: list[str], text_field: str) -> None:
 
 def _head(path: str, size: int = 1 << 16) -> bytes:
   try:
-    with open(path, 'rb') as raw, records.open_binary(path, raw) as f:
+    with files_lib.open_binary(path) as raw, records.open_binary(path, raw
+                                                            ) as f:
       return f.read(size)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{path} is corrupt or unreadable ({type(e).__name__}: '
                      f'{e}); re-download or remove it from data.source.') from e
 
 
-def _strip(code) -> str:
-  """Plain text of parsed wikitext: link text kept, markup and clutter gone."""
-  out = []
-  for node in code.nodes:
-    if isinstance(node, nodes.Text):
-      out.append(_QUOTES.sub('', node.value))
-    elif isinstance(node, nodes.Wikilink):
-      title = str(node.title).strip()
-      prefix = title.split(':', 1)[0].strip().lower() if ':' in title else ''
-      if prefix in _DROP_LINK_PREFIXES:
-        continue
-      if node.text is None and _LANG_PREFIX.match(prefix):
-        continue
-      out.append(_strip(node.text if node.text is not None else node.title))
-    elif isinstance(node, nodes.ExternalLink):
-      if node.title is not None:
-        out.append(_strip(node.title))
-    elif isinstance(node, nodes.Tag):
-      if str(node.tag).strip().lower() in _KEEP_TAGS and node.contents:
-        out.append(_strip(node.contents))
-      elif node.wiki_markup in ('*', '#', ':', ';'):
-        out.append('\n')  # A list item starts a line.
-    elif isinstance(node, nodes.HTMLEntity):
-      out.append(node.normalize())
-    elif isinstance(node, nodes.Heading):
-      out.append('\n')
-    # Templates, comments, arguments: dropped.
-  return ''.join(out)
-
-
-def clean_wikitext(text: str) -> str:
-  """Wiki markup to paragraphs of plain text, one per line."""
-  # The parser's bold/italic handling misparses real pages (an unbalanced ''
-  # inside a <ref> turns the rest of the page into raw text) and takes half
-  # the time, so style tags are parsed as text and their quotes dropped.
-  code = mwparserfromhell.parse(text, skip_style_tags=True)
-  lines = (' '.join(line.split()) for line in _strip(code).splitlines())
-  # '__NOTOC__'-style magic words are plain text to the parser.
-  return '\n'.join(l for l in lines if l and not _MAGIC_WORD.fullmatch(l))
-
-
-class Position:
-  """Bytes of the source read so far, for progress and ETA."""
-
-  def __init__(self, files: list[str]):
-    self.start(sum(map(os.path.getsize, files)))
-
-  def start(self, total: int) -> None:
-    """A new pass over `total` bytes."""
-    self.total = total
-    self._done = 0
-    self._raw = None
-
-  def bytes(self) -> int:
-    try:
-      return self._done + (self._raw.tell() if self._raw else 0)
-    except ValueError:  # closed
-      return self._done
-
-  def open(self, path: str):
-    self._raw = open(path, 'rb')
-    return self._raw
-
-  def close(self, path: str):
-    self._done += os.path.getsize(path)
-    self._raw = None
-
-
-def _dump_pages(path: str, pos: Position, counts: dict[str, int]
-                ) -> Iterator[tuple[str, str]]:
-  """(title, wikitext) of the articles of a dump: no redirects, no talk."""
-  raw = pos.open(path)
-  pages = counts['pages']
-  try:
-    with raw, records.open_binary(path, raw) as f:
-      root = None
-      for event, elem in ET.iterparse(f, events=('start', 'end')):
-        if root is None:
-          root = elem
-        if event != 'end' or not elem.tag.endswith('}page'):
-          continue
-        counts['pages'] += 1
-        text = elem.findtext('{*}revision/{*}text') or ''
-        article = (elem.findtext('{*}ns') == '0'
-                   and elem.find('{*}redirect') is None)
-        title = elem.findtext('{*}title')
-        root.clear()  # Constant memory: drop every page already read.
-        if article:
-          yield title, text
-        else:
-          counts['skipped'] += 1
-  except (OSError, EOFError, ET.ParseError) as e:
-    raise pieces_lib.read_error(path, e) from e
-  if counts['pages'] == pages:
-    logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
-                    'dump?', path)
-  pos.close(path)
-
-
-def _clean_page(title: str, text: str, counts: dict[str, int]) -> str | None:
-  try:
-    doc = clean_wikitext(text)
-  except Exception as e:  # pylint: disable=broad-except
-    # One malformed page must not stop a multi-hour parse.
-    logging.warning('Skipping page %r: parse failed: %s', title, e)
-    counts['failed'] += 1
-    return None
-  if len(doc) < MIN_PAGE_CHARS:
-    counts['tiny'] += 1
-    return None
-  counts['kept'] += 1
-  return doc
-
-
-def _new_counts() -> dict[str, int]:
-  return dict(pages=0, skipped=0, tiny=0, failed=0, kept=0)
-
-
 def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
-            size: int, pos: Position, counts: dict[str, int]
+            size: int, pos: pieces_lib.Position, counts: dict[str, int]
             ) -> Iterator[pieces_lib.Piece]:
   """The pieces of `files` (the documents of dumps cleaned here: only a
   source with no cache directory comes here with a dump)."""
   for path in files:
-    if is_dump(path):
-      docs = (_clean_page(title, text, counts)
-              for title, text in _dump_pages(path, pos, counts))
+    if wiki.is_dump(path):
+      docs = (wiki.clean_page(title, text, counts)
+              for title, text in wiki.dump_pages(path, pos, counts))
       for chunk in parallel.chunks(filter(None, docs), size):
         yield pieces_lib.Piece('docs', path, chunk)
     elif records.kind(path):
@@ -292,11 +155,11 @@ def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
 
 
 def _items(files: list[str], one_doc_per_file: bool, text_field: str,
-           pos: Position, counts: dict[str, int]):
+           pos: pieces_lib.Position, counts: dict[str, int]):
   """(title, wikitext) of dump pages, the pieces of the other files."""
   for path in files:
-    if is_dump(path):
-      yield from _dump_pages(path, pos, counts)
+    if wiki.is_dump(path):
+      yield from wiki.dump_pages(path, pos, counts)
     else:
       yield from _pieces([path], one_doc_per_file, text_field,
                          _CLEAN_CHUNK_CHARS, pos, counts)
@@ -310,7 +173,7 @@ def _item_size(item) -> int:
 
 def _clean(items) -> tuple[list[str], dict, dict[str, list[int]]]:
   """Worker: cleaned pages and the documents of pieces, in order."""
-  counts, tally = _new_counts(), {}
+  counts, tally = wiki.new_counts(), {}
   docs = []
   for item in items:
     if isinstance(item, pieces_lib.Piece):
@@ -318,7 +181,7 @@ def _clean(items) -> tuple[list[str], dict, dict[str, list[int]]]:
       docs += piece_docs
       pieces_lib.add_tally(tally, piece_tally)
       continue
-    doc = _clean_page(*item, counts)
+    doc = wiki.clean_page(*item, counts)
     if doc is not None:
       docs.append(doc)
   return docs, counts, tally
@@ -350,9 +213,10 @@ def _expanded(chunks: Iterator[list[pieces_lib.Piece]], files: list[str],
 
 def file_documents(path: str, text_field: str) -> Iterator[str]:
   """The documents of one file of a source (a Beam task's share)."""
-  counts = _new_counts()
+  counts = wiki.new_counts()
   chunks = ([p] for p in _pieces([path], False, text_field,
-                                 pieces_lib.PIECE_BYTES, Position([path]), counts))
+                                 pieces_lib.PIECE_BYTES,
+                                 pieces_lib.Position([path]), counts))
   yield from _expanded(chunks, [path], text_field)
   if counts['pages']:
     logging.info('Dump pages of %s: %s', path, counts)
@@ -374,11 +238,11 @@ class Documents:
     self._text_field = text_field
     self._workers = workers
     self._cache = None
-    if cache_dir and any(map(is_dump, self.files)):
+    if cache_dir and any(map(wiki.is_dump, self.files)):
       self._cache = os.path.join(
           cache_dir,
           f'text-{fingerprint(source, one_doc_per_file, text_field)}')
-    self.position = Position(self.files)
+    self.position = pieces_lib.Position(self.files)
 
   @property
   def total_bytes(self) -> int:
@@ -390,7 +254,7 @@ class Documents:
     size = size or pieces_lib.PIECE_BYTES
     if self._cache is None:
       self.position.start(self.position.total)
-      counts = _new_counts()
+      counts = wiki.new_counts()
       yield from _pieces(self.files, self._one_doc_per_file, self._text_field,
                          size, self.position, counts)
       if counts['pages']:
@@ -433,8 +297,8 @@ class Documents:
     """
     cache = self._cache
     os.makedirs(cache, exist_ok=True)
-    pos = Position(self.files)
-    counts, tally = _new_counts(), {}
+    pos = pieces_lib.Position(self.files)
+    counts, tally = wiki.new_counts(), {}
     items = _items(self.files, self._one_doc_per_file, self._text_field, pos,
                    counts)
     progress = parallel.Progress('Cleaning', pos)

@@ -25,6 +25,8 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
+from mlm_jax.data import files
+
 # The model, masking and packing code rely on these ids; load() checks them.
 SPECIALS = {'[PAD]': 0, '[UNK]': 1, '[CLS]': 2, '[SEP]': 3, '[MASK]': 4}
 SPECIAL_IDS = tuple(SPECIALS.values())
@@ -202,10 +204,10 @@ def load(path: str) -> 'Tokenizer | HFTokenizer':
     path = os.path.join(path, 'tokenizer.json')
   if path.endswith('.json'):
     return HFTokenizer.load(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):  # a local path or gs://
     raise ValueError(f'No tokenizer model at {path!r}; fix data.tokenizer or '
                      "set it to '' to train one from the source.")
-  with open(path, 'rb') as f:
+  with files.open_binary(path) as f:
     proto = f.read()
   try:
     processor = spm.SentencePieceProcessor(model_proto=proto)

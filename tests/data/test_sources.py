@@ -5,6 +5,7 @@ import os
 import pytest
 
 from mlm_jax.data import sources
+from mlm_jax.data import wiki
 
 _MARKUP = ('{{', '}}', '[[', ']]', '<ref', '{|', '|}', "''", '<!--')
 
@@ -12,7 +13,7 @@ _MARKUP = ('{{', '}}', '[[', ']]', '<ref', '{|', '|}', "''", '<!--')
 def test_demo_is_many_clean_articles():
   docs = list(sources.documents('demo'))
   assert len(docs) > 80
-  assert all(len(d) >= sources.MIN_PAGE_CHARS for d in docs)
+  assert all(len(d) >= wiki.MIN_PAGE_CHARS for d in docs)
   for marker in _MARKUP:
     assert not [d[:80] for d in docs if marker in d], marker
   assert docs[0].startswith('Anarchism is a political philosophy')
@@ -26,7 +27,7 @@ def test_clean_wikitext_keeps_prose_only():
           '* An [http://x.org external] item &amp; more.\n'
           '[[File:x.jpg|thumb|A caption [[y]]]]\n'
           '[[Category:Things]]\n[[de:Foo]]')
-  assert sources.clean_wikitext(text) == (
+  assert wiki.clean_wikitext(text) == (
       'Foo is a Bar thing and baz.\nAn external item & more.')
 
 
@@ -52,7 +53,7 @@ def test_dump_keeps_articles_and_caches(tmp_path, monkeypatch):
   # The second read comes from the cache: the dump is not parsed again.
   def no_parse(*args):
     raise AssertionError('the dump was parsed again')
-  monkeypatch.setattr(sources, '_dump_pages', no_parse)
+  monkeypatch.setattr(wiki, 'dump_pages', no_parse)
   assert list(sources.documents(str(path), cache_dir=str(cache))) == docs
 
 

@@ -1,0 +1,133 @@
+"""Wikipedia dumps: the articles of a pages-articles XML file, as clean text.
+
+`dump_pages` streams a dump's pages (articles only: no redirects, no talk or
+user pages) in constant memory; `clean_wikitext` turns an article's wiki
+markup into paragraphs of plain text, one per line (link text kept;
+templates, references, tables and files dropped). `sources` runs both in
+worker processes and caches the result, so the slow parse runs once per
+dump.
+"""
+
+from collections.abc import Iterator
+import os
+import re
+import xml.etree.ElementTree as ET
+
+from absl import logging
+import mwparserfromhell
+from mwparserfromhell import nodes
+
+from mlm_jax.data import pieces as pieces_lib
+from mlm_jax.data import records
+
+# Bump when the cleaning changes, so cached cleaned text and everything built
+# from it is made again.
+CLEAN_VERSION = 1
+MIN_PAGE_CHARS = 200
+
+# Formatting tags whose contents are prose; every other tag (ref, table,
+# math, gallery, ...) is dropped whole.
+_KEEP_TAGS = frozenset(
+    'b i u s em strong small big sub sup span abbr font center blockquote p '
+    'poem dd dt li'.split())
+_DROP_LINK_PREFIXES = frozenset(['file', 'image', 'media', 'category'])
+# Interlanguage links ([[de:Foo]]) carry a language-code prefix and no text.
+_LANG_PREFIX = re.compile(r'^([a-z]{2,3}(-[a-z]+)*|simple)$')
+# Bold/italic quote runs, left as text by skip_style_tags below.
+_QUOTES = re.compile("'{2,}")
+_MAGIC_WORD = re.compile(r'__\w+__')
+
+
+def is_dump(path: str) -> bool:
+  return '.xml' in os.path.basename(path)
+
+
+def _strip(code) -> str:
+  """Plain text of parsed wikitext: link text kept, markup and clutter gone."""
+  out = []
+  for node in code.nodes:
+    if isinstance(node, nodes.Text):
+      out.append(_QUOTES.sub('', node.value))
+    elif isinstance(node, nodes.Wikilink):
+      title = str(node.title).strip()
+      prefix = title.split(':', 1)[0].strip().lower() if ':' in title else ''
+      if prefix in _DROP_LINK_PREFIXES:
+        continue
+      if node.text is None and _LANG_PREFIX.match(prefix):
+        continue
+      out.append(_strip(node.text if node.text is not None else node.title))
+    elif isinstance(node, nodes.ExternalLink):
+      if node.title is not None:
+        out.append(_strip(node.title))
+    elif isinstance(node, nodes.Tag):
+      if str(node.tag).strip().lower() in _KEEP_TAGS and node.contents:
+        out.append(_strip(node.contents))
+      elif node.wiki_markup in ('*', '#', ':', ';'):
+        out.append('\n')  # A list item starts a line.
+    elif isinstance(node, nodes.HTMLEntity):
+      out.append(node.normalize())
+    elif isinstance(node, nodes.Heading):
+      out.append('\n')
+    # Templates, comments, arguments: dropped.
+  return ''.join(out)
+
+
+def clean_wikitext(text: str) -> str:
+  """Wiki markup to paragraphs of plain text, one per line."""
+  # The parser's bold/italic handling misparses real pages (an unbalanced ''
+  # inside a <ref> turns the rest of the page into raw text) and takes half
+  # the time, so style tags are parsed as text and their quotes dropped.
+  code = mwparserfromhell.parse(text, skip_style_tags=True)
+  lines = (' '.join(line.split()) for line in _strip(code).splitlines())
+  # '__NOTOC__'-style magic words are plain text to the parser.
+  return '\n'.join(l for l in lines if l and not _MAGIC_WORD.fullmatch(l))
+
+
+def dump_pages(path: str, pos: pieces_lib.Position, counts: dict[str, int]
+                ) -> Iterator[tuple[str, str]]:
+  """(title, wikitext) of the articles of a dump: no redirects, no talk."""
+  raw = pos.open(path)
+  pages = counts['pages']
+  try:
+    with raw, records.open_binary(path, raw) as f:
+      root = None
+      for event, elem in ET.iterparse(f, events=('start', 'end')):
+        if root is None:
+          root = elem
+        if event != 'end' or not elem.tag.endswith('}page'):
+          continue
+        counts['pages'] += 1
+        text = elem.findtext('{*}revision/{*}text') or ''
+        article = (elem.findtext('{*}ns') == '0'
+                   and elem.find('{*}redirect') is None)
+        title = elem.findtext('{*}title')
+        root.clear()  # Constant memory: drop every page already read.
+        if article:
+          yield title, text
+        else:
+          counts['skipped'] += 1
+  except (OSError, EOFError, ET.ParseError) as e:
+    raise pieces_lib.read_error(path, e) from e
+  if counts['pages'] == pages:
+    logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
+                    'dump?', path)
+  pos.close(path)
+
+
+def clean_page(title: str, text: str, counts: dict[str, int]) -> str | None:
+  try:
+    doc = clean_wikitext(text)
+  except Exception as e:  # pylint: disable=broad-except
+    # One malformed page must not stop a multi-hour parse.
+    logging.warning('Skipping page %r: parse failed: %s', title, e)
+    counts['failed'] += 1
+    return None
+  if len(doc) < MIN_PAGE_CHARS:
+    counts['tiny'] += 1
+    return None
+  counts['kept'] += 1
+  return doc
+
+
+def new_counts() -> dict[str, int]:
+  return dict(pages=0, skipped=0, tiny=0, failed=0, kept=0)
