@@ -83,7 +83,10 @@ _TABLE, _WIDTH = _varint_table(1 << 16)
 def _packed_varints(x_RxL: np.ndarray) -> tuple[bytes, list[int]]:
   """Protobuf varints of each row's values, concatenated; row offsets."""
   x = x_RxL.astype(np.uint32)
-  if x.size and x.max() < 1 << 16:
+  if not x.size or x.max() < 1 << 7:  # one byte each (segment ids)
+    return x.astype(np.uint8).tobytes(), (
+        np.arange(len(x) + 1) * x.shape[-1]).tolist()
+  if x.max() < 1 << 16:
     width = _WIDTH[x]
     bytes_RxLxK = _TABLE[x]
   else:  # A vocabulary over 65536 pieces: up to 5 bytes a value.

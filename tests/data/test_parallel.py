@@ -157,6 +157,9 @@ def test_fast_serializer_writes_what_tfds_writes():
     segs = np.sort(rng.integers(0, 200, (20, 64)), axis=1).astype(np.int32)
     assert packing.same_examples(packing.Serializer()(ids, segs),
                                  reference(ids, segs))
+    segs %= 128  # all one byte: the fast path
+    assert packing.same_examples(packing.Serializer()(ids, segs),
+                                 reference(ids, segs))
 
 
 def test_ordered_keeps_order_and_bounds_work_in_flight():
