@@ -28,10 +28,11 @@ from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ('train', 'validation')
-# Tokens per shard (about 150 MB of rows at L=128), at most; a split has at
+# Tokens per shard (about 50 MB of rows at L=128), at most; a split has at
 # least one shard per worker once it has enough rows to be worth splitting,
-# and past that a multiple of the worker count.
-_SHARD_TOKENS = 1 << 25
+# and past that a multiple of the worker count. A shard's writer keeps about
+# 60 bytes per row until it closes, so this also caps a worker's memory.
+_SHARD_TOKENS = 1 << 24
 _MIN_SHARD_ROWS = 1 << 12
 # Rows serialized at a time inside a shard: bounds a worker's memory.
 _BLOCK_ROWS = 1 << 11
