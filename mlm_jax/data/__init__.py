@@ -20,6 +20,8 @@ from typing import Any, TYPE_CHECKING
 from absl import logging
 import ml_collections
 
+from mlm_jax.data import files
+
 if TYPE_CHECKING:
   from mlm_jax.data import tokenizer as tokenizer_lib
 
@@ -35,7 +37,7 @@ class Prepared:
 def data_dir(data_config: ml_collections.ConfigDict) -> str:
   root = (data_config.data_dir or os.environ.get('MLM_JAX_DATA_DIR')
           or '~/.cache/mlm_jax')
-  if '://' in root:  # gs://... for a Beam build on Dataflow
+  if files.is_url(root):  # gs://... for a Beam build on Dataflow
     return root
   return os.path.abspath(os.path.expanduser(root))
 
@@ -78,7 +80,7 @@ def _beam_download_config(data_config: ml_collections.ConfigDict):
 def _build_lock(path: str):
   """One builder per dataset on a host (or a shared disk): the others wait,
   then reuse its result, instead of racing on the same resumable chunks."""
-  if '://' in path:  # an object store has no locks; Beam builds go there
+  if files.is_url(path):  # an object store has no locks; Beam builds go there
     yield
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -117,7 +119,7 @@ def prepare(data_config: ml_collections.ConfigDict, seq_len: int) -> Prepared:
       data_config.source, cache_dir=os.path.join(root, 'text'),
       text_field=data_config.text_field, workers=workers)
   path = tokenizer_path(data_config)
-  in_bucket = '://' in root
+  in_bucket = files.is_url(root)
   if data_config.tokenizer or (not in_bucket and os.path.exists(path)):
     tok = tokenizer_lib.load(path)
   elif in_bucket:
