@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +41,14 @@ _FORMATS = flags.DEFINE_list('data_formats', ['text', 'xml', 'jsonl',
                                               'parquet'], 'data: formats.')
 _WORKERS = flags.DEFINE_list('data_workers', ['1', '0'],
                              'data: data.workers of each build (0 = all).')
+_REPEATS = flags.DEFINE_integer(
+    'data_repeats', 1, 'data: builds per format and worker count, in '
+    'alternating order (1, all, all, 1, ...): a shared host slows some '
+    'minutes, so take medians (the summary table does).')
+_SIDE_BY_SIDE = flags.DEFINE_bool(
+    'data_side_by_side', False, 'data: per repeat, also run one serial build '
+    'per core at once: the speed-up that many independent processes get on '
+    'this host (the ceiling of a parallel build\'s speed-up).')
 _ROOT = flags.DEFINE_string('data_root', '/tmp/mlm_jax_bench_data',
                             'data: corpora and builds go here (kept corpora '
                             'are reused).')
@@ -163,28 +172,130 @@ def _tree_rss(proc) -> tuple[int, int]:
   return main, total
 
 
-def build(config: dict, env: dict) -> dict:
-  """Runs data.prepare(config) in a child; its seconds, info and peak RSS."""
+def builds(configs: list[dict], env: dict) -> list[dict]:
+  """Runs data.prepare(config) of each config in its own child, all at once;
+  each one's seconds, info and peak RSS."""
   import psutil  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, '-c', _CHILD, json.dumps(config)]
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True, env=env) as child:
-    proc = psutil.Process(child.pid)
-    peak_main = peak_tree = 0
-    while child.poll() is None:
-      main, tree = _tree_rss(proc)
-      peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
+  children = [subprocess.Popen(
+      [sys.executable, '-c', _CHILD, json.dumps(c)], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env=env) for c in configs]
+  procs = [psutil.Process(c.pid) for c in children]
+  peaks = [[0, 0] for _ in children]
+  try:
+    while any(c.poll() is None for c in children):
+      for proc, peak in zip(procs, peaks):
+        main, tree = _tree_rss(proc)
+        peak[0], peak[1] = max(peak[0], main), max(peak[1], tree)
       time.sleep(_SAMPLE_S)
-    out, err = child.communicate()
-  if child.returncode:
-    raise RuntimeError(f'Build failed ({child.returncode}):\n{err[-3000:]}')
-  result = json.loads(next(l for l in out.splitlines()
-                           if l.startswith('RESULT '))[len('RESULT '):])
-  result.update(peak_rss_main=peak_main, peak_rss_tree=peak_tree)
-  return result
+  finally:
+    outs = [c.communicate() for c in children]
+  results = []
+  for child, (out, err), (peak_main, peak_tree) in zip(children, outs, peaks):
+    if child.returncode:
+      raise RuntimeError(f'Build failed ({child.returncode}):\n{err[-3000:]}')
+    result = json.loads(next(l for l in out.splitlines()
+                             if l.startswith('RESULT '))[len('RESULT '):])
+    result.update(peak_rss_main=peak_main, peak_rss_tree=peak_tree)
+    results.append(result)
+  return results
+
+
+def _record(fmt: str, path: str, mb: float, workers: int, repeat: int,
+            r: dict, alongside: int = 1) -> dict:
+  tokens = r['info']['train']['tokens'] + r['info']['validation']['tokens']
+  return dict(
+      format=fmt, workers=workers, resolved_workers=(
+          workers or len(os.sched_getaffinity(0))),
+      repeat=repeat, alongside=alongside, corpus=path,
+      disk_mb=os.path.getsize(path) / 1e6, mb=mb, seconds=r['seconds'],
+      mb_per_s=mb / r['seconds'], cpu_s=r['cpu_s'],
+      main_cpu_s=r['main_cpu_s'], tokens=tokens,
+      tokens_per_s=tokens / r['seconds'],
+      rows=r['info']['train']['rows'] + r['info']['validation']['rows'],
+      peak_rss_main_mb=r['peak_rss_main'] / 1e6,
+      peak_rss_tree_mb=r['peak_rss_tree'] / 1e6)
+
+
+def _format_runs(fmt: str, path: str, mb: float, root: str, tok_path: str,
+                 env: dict) -> list[dict]:
+  """Every build of one corpus: the --data_workers builds, alternating their
+  order each repeat, then (--data_side_by_side) one serial build per core
+  at once."""
+  runs = []
+
+  def run(workers_list, repeat):
+    configs = [dict(source=path, data_dir=os.path.join(
+        root, f'build-{fmt}-{workers}-{k}'), tokenizer=tok_path,
+                    workers=workers) for k, workers in enumerate(workers_list)]
+    for c in configs:
+      shutil.rmtree(c['data_dir'], ignore_errors=True)
+    try:
+      results = builds(configs, env)
+    finally:
+      for c in configs:
+        shutil.rmtree(c['data_dir'], ignore_errors=True)
+    return [_record(fmt, path, mb, w, repeat, r, len(workers_list))
+            for w, r in zip(workers_list, results)]
+
+  cores = len(os.sched_getaffinity(0))
+  for repeat in range(_REPEATS.value):
+    order = list(map(int, _WORKERS.value))
+    for workers in order[::-1] if repeat % 2 else order:
+      runs += run([workers], repeat)
+    if _SIDE_BY_SIDE.value:
+      runs += run([1] * cores, repeat)
+  for r in runs:  # against the serial build of the same repeat
+    serial = [s['seconds'] for s in runs if s['repeat'] == r['repeat']
+              and s['workers'] == 1 and s['alongside'] == 1]
+    r['speedup'] = serial[0] / r['seconds'] if serial else None
+  return runs
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+  """Per format and worker count: medians over the repeats, the speed-up of
+  the medians, and the host's ceiling (side-by-side serial builds: how much
+  faster `cores` independent builds go together than one after another)."""
+  rows = []
+  for fmt in dict.fromkeys(r['format'] for r in runs):
+    alone = [r for r in runs if r['format'] == fmt and r['alongside'] == 1]
+    serial = statistics.median(r['seconds'] for r in alone
+                               if r['workers'] == 1) if any(
+                                   r['workers'] == 1 for r in alone) else None
+    for workers in dict.fromkeys(r['workers'] for r in alone):
+      mine = [r for r in alone if r['workers'] == workers]
+      seconds = statistics.median(r['seconds'] for r in mine)
+      rows.append(dict(
+          format=fmt, workers=workers,
+          resolved_workers=mine[0]['resolved_workers'], builds=len(mine),
+          mb=mine[0]['mb'], median_s=seconds,
+          min_s=min(r['seconds'] for r in mine),
+          max_s=max(r['seconds'] for r in mine),
+          median_cpu_s=statistics.median(r['cpu_s'] for r in mine),
+          mb_per_s=mine[0]['mb'] / seconds,
+          peak_rss_tree_mb=max(r['peak_rss_tree_mb'] for r in mine),
+          speedup=serial / seconds if serial else None,
+          pair_speedups=[r['speedup'] for r in mine]))
+    beside = [r for r in runs if r['format'] == fmt and r['alongside'] > 1]
+    ceilings = []
+    for repeat in sorted({r['repeat'] for r in beside}):
+      group = [r for r in beside if r['repeat'] == repeat]
+      solo = [r['seconds'] for r in alone
+              if r['repeat'] == repeat and r['workers'] == 1]
+      if solo:
+        ceilings.append(len(group) * solo[0] / max(r['seconds']
+                                                   for r in group))
+    if ceilings:
+      rows.append(dict(format=fmt, workers='side by side',
+                       resolved_workers=beside[0]['alongside'],
+                       builds=len(ceilings), ceiling=statistics.median(
+                           ceilings), pair_speedups=ceilings))
+  return rows
 
 
 def data_bench() -> dict:
+  if _REPEATS.value < 1:
+    raise ValueError(f'--data_repeats must be at least 1, got '
+                     f'{_REPEATS.value}.')
   root = _ROOT.value
   os.makedirs(root, exist_ok=True)
   tok_path = os.path.join(root, f'sp-demo-{_VOCAB}.model')
@@ -194,36 +305,17 @@ def data_bench() -> dict:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       filter(None, [repo, os.environ.get('PYTHONPATH')])))
   load_before = os.getloadavg()[0]
-  runs = []
+  runs, made = [], {}
   for fmt in _FORMATS.value:
     t = time.perf_counter()
     path = make_corpus(fmt, _MB.value, root)
-    made_s = time.perf_counter() - t
-    mb = _uncompressed_mb(fmt, path)
-    serial_s = None
-    for workers in map(int, _WORKERS.value):
-      data_dir = os.path.join(root, f'build-{fmt}-{workers}')
-      shutil.rmtree(data_dir, ignore_errors=True)
-      r = build(dict(source=path, data_dir=data_dir, tokenizer=tok_path,
-                     workers=workers), env)
-      shutil.rmtree(data_dir, ignore_errors=True)
-      tokens = r['info']['train']['tokens'] + r['info']['validation']['tokens']
-      if workers == 1:
-        serial_s = r['seconds']
-      runs.append(dict(
-          format=fmt, workers=workers, resolved_workers=(
-              workers or len(os.sched_getaffinity(0))),
-          corpus=path, corpus_made_s=made_s, disk_mb=os.path.getsize(path) / 1e6,
-          mb=mb, seconds=r['seconds'], mb_per_s=mb / r['seconds'],
-          cpu_s=r['cpu_s'], main_cpu_s=r['main_cpu_s'],
-          tokens=tokens, tokens_per_s=tokens / r['seconds'],
-          rows=r['info']['train']['rows'] + r['info']['validation']['rows'],
-          peak_rss_main_mb=r['peak_rss_main'] / 1e6,
-          peak_rss_tree_mb=r['peak_rss_tree'] / 1e6,
-          speedup=serial_s / r['seconds'] if serial_s else None))
+    made[fmt] = time.perf_counter() - t
+    runs += _format_runs(fmt, path, _uncompressed_mb(fmt, path), root,
+                         tok_path, env)
   return dict(data_mb=_MB.value, cores=len(os.sched_getaffinity(0)),
-              cpu=_cpu_name(), load_before=load_before,
-              load_after=os.getloadavg()[0], runs=runs)
+              cpu=_cpu_name(), repeats=_REPEATS.value,
+              load_before=load_before, load_after=os.getloadavg()[0],
+              corpus_made_s=made, runs=runs, summary=summarize(runs))
 
 
 def _cpu_name() -> str:
@@ -239,13 +331,33 @@ def print_data(result: dict) -> None:
   print(f"data: {result['data_mb']:g} MB per format, {result['cores']} cores "
         f"({result['cpu']}), seq_len {_SEQ_LEN}, load "
         f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
-  print(f"{'format':<8} {'workers':>7} {'MB':>8} {'s':>8} {'CPU s':>8} "
-        f"{'main CPU s':>10} {'MB/s':>7} {'Mtok/s':>7} {'RSS main MB':>12} {'RSS all MB':>11} "
-        f"{'speed-up':>9}")
+  print(f"{'format':<8} {'rep':>3} {'workers':>7} {'MB':>8} {'s':>8} "
+        f"{'CPU s':>8} {'main CPU s':>10} {'MB/s':>7} {'Mtok/s':>7} "
+        f"{'RSS main MB':>12} {'RSS all MB':>11} {'speed-up':>9}")
   for r in result['runs']:
     speedup = f"{r['speedup']:.2f}x" if r['speedup'] else '-'
-    print(f"{r['format']:<8} {r['resolved_workers']:>7} {r['mb']:>8.1f} "
+    workers = (f"1 of {r['alongside']}" if r['alongside'] > 1
+               else str(r['resolved_workers']))
+    print(f"{r['format']:<8} {r['repeat']:>3} {workers:>7} {r['mb']:>8.1f} "
           f"{r['seconds']:>8.1f} {r['cpu_s']:>8.1f} "
           f"{r['main_cpu_s']:>10.1f} {r['mb_per_s']:>7.2f} "
           f"{r['tokens_per_s'] / 1e6:>7.3f} {r['peak_rss_main_mb']:>12.0f} "
           f"{r['peak_rss_tree_mb']:>11.0f} {speedup:>9}")
+  if result['repeats'] == 1 and all(r['alongside'] == 1
+                                    for r in result['runs']):
+    return
+  print('medians over the repeats (speed-up: of the medians; each repeat\'s '
+        'own in brackets)')
+  print(f"{'format':<8} {'workers':>13} {'builds':>6} {'median s':>9} "
+        f"{'min s':>7} {'max s':>7} {'MB/s':>7} {'speed-up':>9}  per repeat")
+  for r in result['summary']:
+    pairs = ' '.join(f'{x:.2f}' for x in r['pair_speedups'] if x)
+    if 'ceiling' in r:
+      label = f"{r['resolved_workers']}x1 at once"
+      print(f"{r['format']:<8} {label:>13} {r['builds']:>6} {'':>9} {'':>7} "
+            f"{'':>7} {'':>7} {r['ceiling']:>8.2f}x  [{pairs}]")
+      continue
+    speedup = f"{r['speedup']:.2f}x" if r['speedup'] else '-'
+    print(f"{r['format']:<8} {r['resolved_workers']:>13} {r['builds']:>6} "
+          f"{r['median_s']:>9.1f} {r['min_s']:>7.1f} {r['max_s']:>7.1f} "
+          f"{r['mb_per_s']:>7.2f} {speedup:>9}  [{pairs}]")

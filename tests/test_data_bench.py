@@ -45,3 +45,27 @@ def test_bench_data_reports_every_format_and_worker_count(tmp_path):
   assert runs['text', 2]['peak_rss_tree_mb'] > runs['text', 2][
       'peak_rss_main_mb']
   assert 'speed-up' in run.stdout and 'parquet' in run.stdout
+
+
+def _run(workers, repeat, seconds, alongside=1):
+  return dict(format='text', workers=workers, resolved_workers=workers or 2,
+              repeat=repeat, alongside=alongside, mb=100.0, seconds=seconds,
+              cpu_s=seconds, peak_rss_tree_mb=100.0,
+              speedup=None)
+
+
+def test_summary_takes_medians_over_repeats_and_the_hosts_ceiling():
+  runs = [_run(1, 0, 40.0), _run(0, 0, 20.0), _run(1, 1, 60.0),
+          _run(0, 1, 40.0), _run(1, 2, 44.0), _run(0, 2, 24.0),
+          # Two serial builds at once, per repeat: the slower one counts.
+          _run(1, 0, 42.0, 2), _run(1, 0, 44.0, 2),
+          _run(1, 2, 48.0, 2), _run(1, 2, 55.0, 2)]
+  rows = {r['workers']: r for r in bench_data.summarize(runs)}
+  assert rows[1]['median_s'] == 44.0 and rows[1]['speedup'] == 1.0
+  assert rows[0]['median_s'] == 24.0 and rows[0]['builds'] == 3
+  assert rows[0]['speedup'] == pytest.approx(44 / 24)  # of the medians
+  assert (rows[0]['min_s'], rows[0]['max_s']) == (20.0, 40.0)
+  ceiling = rows['side by side']
+  assert ceiling['builds'] == 2  # repeat 1 ran none
+  assert ceiling['pair_speedups'] == pytest.approx([2 * 40 / 44, 2 * 44 / 55])
+  assert ceiling['ceiling'] == pytest.approx((80 / 44 + 88 / 55) / 2)
