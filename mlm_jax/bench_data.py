@@ -8,11 +8,18 @@ dir, once per --data_workers entry (1 = serial, 0 = every core), with one
 tokenizer trained up front (so a build times cleaning, tokenizing, packing and
 writing), and prints wall and CPU seconds (the build and its workers, and the
 main process alone), MB/s, tokens/s, peak RSS (the build process, and the sum
-over it and its workers, sampled every 50 ms) and the speed-up over one worker. The seconds are those
-of data.prepare in the child (its Python start and imports excluded).
+over it and its workers, sampled every 50 ms), the host's CPU steal during
+the build and the speed-up over one worker. The seconds are those of
+data.prepare in the child (its Python start and imports excluded).
+
+A shared host is faster some minutes than others: --data_repeats alternates
+the builds' order and summarizes with medians, and --data_side_by_side also
+runs one serial build per core at once, each repeat: how much two independent
+processes gain on this host, the most a parallel build could.
 
   python -m mlm_jax.bench data --data_mb=100 [--data_formats=text,xml,jsonl,parquet]
-      [--data_workers=1,0] [--data_root=/tmp/mlm_jax_bench_data] [--json=out.json]
+      [--data_workers=1,0] [--data_repeats=3] [--data_side_by_side]
+      [--data_root=/tmp/mlm_jax_bench_data] [--json=out.json]
 """
 
 import bz2
@@ -180,6 +187,7 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
       [sys.executable, '-c', _CHILD, json.dumps(c)], stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True, env=env) for c in configs]
   procs = [psutil.Process(c.pid) for c in children]
+  ticks = _cpu_ticks()
   peaks = [[0, 0] for _ in children]
   try:
     while any(c.poll() is None for c in children):
@@ -189,15 +197,34 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
       time.sleep(_SAMPLE_S)
   finally:
     outs = [c.communicate() for c in children]
+  steal = _steal(ticks, _cpu_ticks())
   results = []
   for child, (out, err), (peak_main, peak_tree) in zip(children, outs, peaks):
     if child.returncode:
       raise RuntimeError(f'Build failed ({child.returncode}):\n{err[-3000:]}')
     result = json.loads(next(l for l in out.splitlines()
                              if l.startswith('RESULT '))[len('RESULT '):])
-    result.update(peak_rss_main=peak_main, peak_rss_tree=peak_tree)
+    result.update(peak_rss_main=peak_main, peak_rss_tree=peak_tree,
+                  steal=steal)
     results.append(result)
   return results
+
+
+def _cpu_ticks() -> list[int] | None:
+  """The host-wide CPU time counters of /proc/stat (None off Linux)."""
+  try:
+    with open('/proc/stat') as f:
+      return [int(x) for x in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+
+
+def _steal(before, after) -> float | None:
+  """The fraction of CPU time the hypervisor gave to other guests."""
+  if not before or not after:
+    return None
+  delta = [b - a for a, b in zip(before, after)]
+  return delta[7] / max(sum(delta), 1)
 
 
 def _record(fmt: str, path: str, mb: float, workers: int, repeat: int,
@@ -213,7 +240,7 @@ def _record(fmt: str, path: str, mb: float, workers: int, repeat: int,
       tokens_per_s=tokens / r['seconds'],
       rows=r['info']['train']['rows'] + r['info']['validation']['rows'],
       peak_rss_main_mb=r['peak_rss_main'] / 1e6,
-      peak_rss_tree_mb=r['peak_rss_tree'] / 1e6)
+      peak_rss_tree_mb=r['peak_rss_tree'] / 1e6, steal=r['steal'])
 
 
 def _format_runs(fmt: str, path: str, mb: float, root: str, tok_path: str,
@@ -333,16 +360,18 @@ def print_data(result: dict) -> None:
         f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
   print(f"{'format':<8} {'rep':>3} {'workers':>7} {'MB':>8} {'s':>8} "
         f"{'CPU s':>8} {'main CPU s':>10} {'MB/s':>7} {'Mtok/s':>7} "
-        f"{'RSS main MB':>12} {'RSS all MB':>11} {'speed-up':>9}")
+        f"{'RSS main MB':>12} {'RSS all MB':>11} {'steal':>6} "
+        f"{'speed-up':>9}")
   for r in result['runs']:
     speedup = f"{r['speedup']:.2f}x" if r['speedup'] else '-'
+    steal = '-' if r['steal'] is None else f"{100 * r['steal']:.1f}%"
     workers = (f"1 of {r['alongside']}" if r['alongside'] > 1
                else str(r['resolved_workers']))
     print(f"{r['format']:<8} {r['repeat']:>3} {workers:>7} {r['mb']:>8.1f} "
           f"{r['seconds']:>8.1f} {r['cpu_s']:>8.1f} "
           f"{r['main_cpu_s']:>10.1f} {r['mb_per_s']:>7.2f} "
           f"{r['tokens_per_s'] / 1e6:>7.3f} {r['peak_rss_main_mb']:>12.0f} "
-          f"{r['peak_rss_tree_mb']:>11.0f} {speedup:>9}")
+          f"{r['peak_rss_tree_mb']:>11.0f} {steal:>6} {speedup:>9}")
   if result['repeats'] == 1 and all(r['alongside'] == 1
                                     for r in result['runs']):
     return

@@ -3,7 +3,9 @@
 In a parallel build the main process is the bottleneck if it touches every
 document, so it only reads bytes and cuts them at document boundaries with
 C-speed searches: text at a blank line, JSON Lines at a newline, Parquet and
-arrow files at a record batch (pyarrow reads those). The workers decode,
+arrow files at a record batch (pyarrow reads those). An uncompressed text
+file is not even read: the main process seeks to each cut, reads a few KB
+to find its blank line, and a worker reads its piece's byte range itself. The workers decode,
 parse, check and normalize a piece into documents (`expand`). A piece never
 splits a document and its cut depends only on the file's bytes, so the
 documents, and the chunks a killed build resumes from, are the same whatever
@@ -13,6 +15,7 @@ the worker count; with one worker the same functions run in-process.
 from collections.abc import Iterable, Iterator
 import dataclasses
 import json
+import os
 import re
 from typing import Any
 
@@ -30,6 +33,8 @@ PIECE_BYTES = 1 << 20
 _BLANK_LINE = re.compile(rb'\n[ \t\r\f\v]*\n')
 _NEWLINE = re.compile(rb'\n')
 _REPLACEMENT = '\ufffd'.encode()
+# Bytes read at a time while looking for a cut's blank line.
+_WINDOW_BYTES = 1 << 16
 
 
 @dataclasses.dataclass
@@ -47,8 +52,13 @@ class Piece:
   first_line: int = 1  # jsonl: the file's line number of the first line
   text_field: str = 'text'
   one_doc: bool = False  # text: the whole file is one document
+  # text with data None: the bytes [start, end) of the file, which the
+  # worker reads.
+  span: tuple[int, int] | None = None
 
   def size(self) -> int:
+    if self.span is not None:
+      return self.span[1] - self.span[0]
     if self.kind == 'arrow':
       return self.data.nbytes
     if self.kind == 'docs':
@@ -108,13 +118,62 @@ def _cut(f, size: int, boundary: re.Pattern) -> Iterator[bytes]:
     yield buf
 
 
+def _spans(f, size: int, boundary: re.Pattern) -> Iterator[tuple[int, int]]:
+  """The byte ranges of a seekable `f` that `_cut` would cut it into,
+  reading only a few KB at each cut."""
+  start, end_of_file = 0, f.seek(0, os.SEEK_END)
+  while start < end_of_file:
+    end = _boundary_end(f, start + size, boundary, end_of_file)
+    yield start, end
+    start = end
+
+
+def _boundary_end(f, at: int, boundary: re.Pattern, end_of_file: int) -> int:
+  """The end of the first `boundary` that starts at or after byte `at`."""
+  if at >= end_of_file:
+    return end_of_file
+  f.seek(at)
+  buf, offset = b'', at  # buf holds the bytes from `offset` on
+  while more := f.read(_WINDOW_BYTES):
+    buf += more
+    if (m := boundary.search(buf)) is not None:
+      return offset + m.end()
+    # A boundary can only start at a newline: keep the bytes from the last.
+    last = buf.rfind(b'\n')
+    buf, offset = (buf[last:], offset + last) if last >= 0 else (
+        b'', offset + len(buf))
+  return end_of_file
+
+
+def read_span(piece: Piece) -> bytes:
+  """Worker: the bytes of a text piece that the main process did not read."""
+  start, end = piece.span
+  try:
+    with files_lib.open_binary(piece.path) as f:
+      f.seek(start)
+      data = f.read(end - start)
+  except OSError as e:
+    raise read_error(piece.path, e) from e
+  if len(data) != end - start:
+    raise read_error(piece.path, EOFError(
+        f'{end - start} bytes from byte {start} wanted, {len(data)} read: '
+        'did the file change during the build?'))
+  return data
+
+
 def text_pieces(path: str, one_doc: bool, size: int, pos) -> Iterator[Piece]:
   raw = pos.open(path)
   try:
     with raw, records.open_binary(path, raw) as f:
-      blocks = [f.read()] if one_doc else _cut(f, size, _BLANK_LINE)
-      for block in blocks:
-        yield Piece('text', path, block, one_doc=one_doc)
+      if f is raw and raw.seekable():  # uncompressed: workers read spans
+        spans = ([(0, raw.seek(0, os.SEEK_END))] if one_doc
+                 else _spans(raw, size, _BLANK_LINE))
+        for span in spans:
+          yield Piece('text', path, None, one_doc=one_doc, span=span)
+      else:
+        blocks = [f.read()] if one_doc else _cut(f, size, _BLANK_LINE)
+        for block in blocks:
+          yield Piece('text', path, block, one_doc=one_doc)
   except (OSError, EOFError) as e:
     raise read_error(path, e) from e
   pos.close(path)
@@ -186,9 +245,10 @@ def normalize(text: str) -> str:
 
 
 def _text_docs(piece: Piece) -> tuple[list[str], int]:
-  text = piece.data.decode('utf-8', errors='replace')
+  data = read_span(piece) if piece.data is None else piece.data
+  text = data.decode('utf-8', errors='replace')
   # A real U+FFFD in the file is not a decoding error.
-  bad = text.count('\ufffd') - piece.data.count(_REPLACEMENT)
+  bad = text.count('\ufffd') - data.count(_REPLACEMENT)
   docs, lines = [], []
   # '\n' only: file lines, not str.splitlines' (which also cuts at \r, \x1c).
   for line in text.split('\n'):

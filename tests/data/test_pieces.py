@@ -74,12 +74,43 @@ def test_text_pieces_expand_to_the_line_by_line_read(tmp_path, size, one_doc):
 def test_text_cut_depends_on_the_bytes_only(tmp_path):
   path = tmp_path / 'a.txt'
   path.write_bytes(TRICKY * 50)
-  cuts = {tuple(len(p.data) for p in pieces.text_pieces(
+  cuts = {tuple(p.size() for p in pieces.text_pieces(
       str(path), False, 64, _Pos())) for _ in range(2)}
   assert len(cuts) == 1
   # Every cut but the file's end is right after a blank line.
   lens = next(iter(cuts))
   assert len(lens) > 10 and min(lens[:-1]) >= 64
+
+
+@pytest.mark.parametrize('window', [1, 2, 3, 7, 1 << 16])
+@pytest.mark.parametrize('size', SIZES)
+def test_uncompressed_text_is_cut_as_its_stream_is(tmp_path, monkeypatch,
+                                                   size, window):
+  # The main process seeks and reads a window at each cut; the workers read
+  # the spans. The cuts are those of the streaming read (a .gz copy of the
+  # same bytes), whatever the window.
+  monkeypatch.setattr(pieces, '_WINDOW_BYTES', window)
+  data = TRICKY * 3 + b'\n \t\n' + TRICKY
+  plain, packed = tmp_path / 'a.txt', tmp_path / 'a.txt.gz'
+  plain.write_bytes(data)
+  packed.write_bytes(gzip.compress(data))
+  spans = list(pieces.text_pieces(str(plain), False, size, _Pos()))
+  streamed = list(pieces.text_pieces(str(packed), False, size, _Pos()))
+  assert all(p.data is None for p in spans)
+  assert [p.size() for p in spans] == [len(p.data) for p in streamed]
+  assert b''.join(map(pieces.read_span, spans)) == data
+  assert len(pickle.dumps(spans[0])) < 300  # no text goes to the worker
+  assert _expand_each(spans)[0] == _expand_each(streamed)[0]
+
+
+def test_a_text_file_changed_under_a_build_is_named(tmp_path):
+  path = tmp_path / 'a.txt'
+  path.write_bytes(TRICKY * 20)
+  ps = list(pieces.text_pieces(str(path), False, 64, _Pos()))
+  path.write_bytes(TRICKY)  # truncated after the cuts were made
+  with pytest.raises(ValueError, match=r'a\.txt is corrupt or truncated.*'
+                     'change during the build'):
+    pieces.expand(ps[-2:])
 
 
 @pytest.mark.parametrize('size', SIZES)
