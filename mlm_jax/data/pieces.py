@@ -3,9 +3,9 @@
 In a parallel build the main process is the bottleneck if it touches every
 document, so it only reads bytes and cuts them at document boundaries with
 C-speed searches: text at a blank line, JSON Lines at a newline, Parquet and
-arrow files at a record batch (pyarrow reads those). An uncompressed text
-file is not even read: the main process seeks to each cut, reads a few KB
-to find its blank line, and a worker reads its piece's byte range itself. The workers decode,
+arrow files at a record batch (pyarrow reads those). An uncompressed local
+text file is not even read: the main process seeks to each cut, reads a few
+KB to find its blank line, and a worker reads its piece's byte range itself. The workers decode,
 parse, check and normalize a piece into documents (`expand`). A piece never
 splits a document and its cut depends only on the file's bytes, so the
 documents, and the chunks a killed build resumes from, are the same whatever
@@ -43,8 +43,9 @@ class Piece:
 
   kind: 'text' (UTF-8 bytes, documents separated by blank lines), 'jsonl'
   (JSON Lines bytes), 'cache' (lines of JSON strings: cleaned Wikipedia
-  text), 'arrow' (a pyarrow array of the text column) or 'docs' (a list of
-  finished documents).
+  text), 'arrow' (a pyarrow array of the text column), 'docs' (a list of
+  finished documents) or 'xml' (whole <page> elements of a dump, which
+  `sources` parses and cleans).
   """
   kind: str
   path: str
@@ -165,7 +166,9 @@ def text_pieces(path: str, one_doc: bool, size: int, pos) -> Iterator[Piece]:
   raw = pos.open(path)
   try:
     with raw, records.open_binary(path, raw) as f:
-      if f is raw and raw.seekable():  # uncompressed: workers read spans
+      # Uncompressed and local: the workers read their spans. (A bucket's
+      # file is streamed by the main process: one read, not one per span.)
+      if f is raw and not files_lib.is_url(path) and raw.seekable():
         spans = ([(0, raw.seek(0, os.SEEK_END))] if one_doc
                  else _spans(raw, size, _BLANK_LINE))
         for span in spans:

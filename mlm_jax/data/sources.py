@@ -37,11 +37,14 @@ from mlm_jax.data import wiki
 DEMO = 'demo'
 _DEMO_FILE = ('test/test_data/enwiki-latest-pages-articles1.xml-'
               'p000000010p000030302-shortened.bz2')
-# Bump when the cleaning changes, so cached cleaned text and everything built
-# from it is made again.
-# Wikitext per cleaning task: big enough that a worker's pickling and logging
-# cost nothing, small enough that a killed build loses little.
+# Dump bytes per cleaning task: big enough that a worker's pickling and
+# logging cost nothing, small enough that a killed build loses little.
 _CLEAN_CHUNK_CHARS = 1 << 18
+# How a dump is cut into cleaning tasks, hence into cache parts: 1 cut parsed
+# pages by their text's length (before 2026-12-07), 2 cuts the dump's bytes.
+# A finished cache keeps its parts; an unfinished one resumes only parts of
+# the current cut.
+_CLEAN_CUT = 2
 
 
 
@@ -145,7 +148,8 @@ def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
   for path in files:
     if wiki.is_dump(path):
       docs = (wiki.clean_page(title, text, counts)
-              for title, text in wiki.dump_pages(path, pos, counts))
+              for block in wiki.page_blocks(path, size, pos)
+              for title, text in wiki.block_pages(path, block, counts))
       for chunk in parallel.chunks(filter(None, docs), size):
         yield pieces_lib.Piece('docs', path, chunk)
     elif records.kind(path):
@@ -155,35 +159,33 @@ def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
 
 
 def _items(files: list[str], one_doc_per_file: bool, text_field: str,
-           pos: pieces_lib.Position, counts: dict[str, int]):
-  """(title, wikitext) of dump pages, the pieces of the other files."""
+           pos: pieces_lib.Position, counts: dict[str, int]
+           ) -> Iterator[pieces_lib.Piece]:
+  """Blocks of dump pages ('xml' pieces), the pieces of the other files."""
   for path in files:
     if wiki.is_dump(path):
-      yield from wiki.dump_pages(path, pos, counts)
+      for block in wiki.page_blocks(path, _CLEAN_CHUNK_CHARS, pos):
+        yield pieces_lib.Piece('xml', path, block)
     else:
       yield from _pieces([path], one_doc_per_file, text_field,
                          _CLEAN_CHUNK_CHARS, pos, counts)
 
 
-def _item_size(item) -> int:
-  if isinstance(item, pieces_lib.Piece):
-    return item.size()
-  return len(item[0]) + len(item[1])
-
-
-def _clean(items) -> tuple[list[str], dict, dict[str, list[int]]]:
+def _clean(items: list[pieces_lib.Piece]
+           ) -> tuple[list[str], dict, dict[str, list[int]]]:
   """Worker: cleaned pages and the documents of pieces, in order."""
   counts, tally = wiki.new_counts(), {}
   docs = []
   for item in items:
-    if isinstance(item, pieces_lib.Piece):
+    if item.kind != 'xml':
       piece_docs, piece_tally = pieces_lib.expand([item])
       docs += piece_docs
       pieces_lib.add_tally(tally, piece_tally)
       continue
-    doc = wiki.clean_page(*item, counts)
-    if doc is not None:
-      docs.append(doc)
+    for title, text in wiki.block_pages(item.path, item.data, counts):
+      doc = wiki.clean_page(title, text, counts)
+      if doc is not None:
+        docs.append(doc)
   return docs, counts, tally
 
 
@@ -266,10 +268,11 @@ class Documents:
     self.position.start(sum(
         e.stat().st_size for e in os.scandir(self._cache)))
     with open(os.path.join(self._cache, 'done.json')) as f:
-      parts = json.load(f)['parts']
-    for k in range(parts):
+      done = json.load(f)
+    for k in range(done['parts']):
       yield from pieces_lib.cache_pieces(
-          os.path.join(self._cache, _part_name(k)), size, self.position)
+          os.path.join(self._cache, _part_name(k, done.get('cut', 1))), size,
+          self.position)
 
   def chunks(self, size: int) -> Iterator[list[pieces_lib.Piece]]:
     """Consecutive pieces of about `size` bytes in all: a worker's task."""
@@ -304,9 +307,9 @@ class Documents:
     progress = parallel.Progress('Cleaning', pos)
     parts = 0
     with parallel.Pool(self._workers) as pool:
-      tasks = ((_clean_part, (chunk, os.path.join(cache, _part_name(k))))
-               for k, chunk in enumerate(parallel.chunks(
-                   items, _CLEAN_CHUNK_CHARS, size=_item_size)))
+      tasks = ((_clean_part, (chunk, os.path.join(
+          cache, _part_name(k, _CLEAN_CUT)))) for k, chunk in enumerate(
+              pieces_lib.chunks(items, _CLEAN_CHUNK_CHARS)))
       for parts, (kept, chars, part_counts, part_tally) in enumerate(
           pool.ordered(tasks), 1):
         for k, v in part_counts.items():
@@ -314,15 +317,19 @@ class Documents:
         pieces_lib.add_tally(tally, part_tally)
         progress.update(kept, chars)
     self.report(tally)
-    counts.update(parts=parts)
+    counts.update(parts=parts, cut=_CLEAN_CUT)
     parallel.write_json_atomic(os.path.join(cache, 'done.json'), counts)
+    current = {_part_name(k, _CLEAN_CUT) for k in range(parts)}
+    for name in os.listdir(cache):  # parts of an older cut, never finished
+      if name.startswith('part-') and name not in current:
+        os.remove(os.path.join(cache, name))
     progress.finish()
     logging.info('Cached cleaned text of %s in %s: %s', self.files, cache,
                  counts)
 
 
-def _part_name(k: int) -> str:
-  return f'part-{k:07d}.jsonl'
+def _part_name(k: int, cut: int) -> str:
+  return f'part-{k:07d}.jsonl' if cut == 1 else f'part-c{cut}-{k:07d}.jsonl'
 
 
 def _clean_part(items, path: str

@@ -1,10 +1,12 @@
 """Wikipedia dumps: the articles of a pages-articles XML file, as clean text.
 
-`dump_pages` streams a dump's pages (articles only: no redirects, no talk or
-user pages) in constant memory; `clean_wikitext` turns an article's wiki
-markup into paragraphs of plain text, one per line (link text kept;
-templates, references, tables and files dropped). `sources` runs both in
-worker processes and caches the result, so the slow parse runs once per
+`page_blocks` cuts a dump's stream into blocks of whole <page> elements with
+a bytes search (the main process reads the dump at the speed of its
+decompression); `block_pages` parses a block's pages (articles only: no
+redirects, no talk or user pages), and `clean_wikitext` turns an article's
+wiki markup into paragraphs of plain text, one per line (link text kept;
+templates, references, tables and files dropped). `sources` runs those two
+in worker processes and caches the result, so the slow parse runs once per
 dump.
 """
 
@@ -36,6 +38,9 @@ _LANG_PREFIX = re.compile(r'^([a-z]{2,3}(-[a-z]+)*|simple)$')
 # Bold/italic quote runs, left as text by skip_style_tags below.
 _QUOTES = re.compile("'{2,}")
 _MAGIC_WORD = re.compile(r'__\w+__')
+# A page's start tag, and its end tag: what the main process cuts a dump at.
+_PAGE = re.compile(rb'<page[\s>]')
+_PAGE_END = b'</page>'
 
 
 def is_dump(path: str) -> bool:
@@ -83,35 +88,71 @@ def clean_wikitext(text: str) -> str:
   return '\n'.join(l for l in lines if l and not _MAGIC_WORD.fullmatch(l))
 
 
-def dump_pages(path: str, pos: pieces_lib.Position, counts: dict[str, int]
-                ) -> Iterator[tuple[str, str]]:
-  """(title, wikitext) of the articles of a dump: no redirects, no talk."""
+def page_blocks(path: str, size: int, pos: pieces_lib.Position
+                ) -> Iterator[bytes]:
+  """Main process: a dump's <page> elements in blocks of about `size` bytes.
+
+  No XML parse here, only a bytes search: a block ends at the first
+  `</page>` that starts `size` or more bytes into it, so the cut depends on
+  the dump's bytes alone. The header before the first page and the closing
+  `</mediawiki>` are left out; a worker parses a block (`block_pages`).
+  """
   raw = pos.open(path)
-  pages = counts['pages']
+  first, blocks, tail = True, 0, b''
   try:
     with raw, records.open_binary(path, raw) as f:
-      root = None
-      for event, elem in ET.iterparse(f, events=('start', 'end')):
-        if root is None:
-          root = elem
-        if event != 'end' or not elem.tag.endswith('}page'):
-          continue
-        counts['pages'] += 1
-        text = elem.findtext('{*}revision/{*}text') or ''
-        article = (elem.findtext('{*}ns') == '0'
-                   and elem.find('{*}redirect') is None)
-        title = elem.findtext('{*}title')
-        root.clear()  # Constant memory: drop every page already read.
-        if article:
-          yield title, text
-        else:
-          counts['skipped'] += 1
-  except (OSError, EOFError, ET.ParseError) as e:
+      for tail in _cut_pages(f, size):
+        if first:  # the header (siteinfo) goes
+          first = False
+          start = _PAGE.search(tail)
+          tail = tail[start.start():] if start else tail
+        # A block ends at a `</page>`; the last one may hold several pages
+        # and then `</mediawiki>`.
+        end = tail.rfind(_PAGE_END)
+        if end >= 0:
+          end += len(_PAGE_END)
+          blocks += 1
+          yield tail[:end]
+          tail = tail[end:]
+  except (OSError, EOFError) as e:
     raise pieces_lib.read_error(path, e) from e
-  if counts['pages'] == pages:
+  if _PAGE.search(tail) or b'</mediawiki>' not in tail:
+    raise pieces_lib.read_error(path, EOFError(
+        'the dump ends inside a page, or before </mediawiki>'))
+  if not blocks:
     logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
                     'dump?', path)
   pos.close(path)
+
+
+def _cut_pages(f, size: int) -> Iterator[bytes]:
+  buf, start = b'', size
+  while more := f.read(size):
+    buf += more
+    while (end := buf.find(_PAGE_END, start)) >= 0:
+      end += len(_PAGE_END)
+      yield buf[:end]
+      buf, start = buf[end:], size
+    # A `</page>` may straddle the next read.
+    start = max(start, len(buf) - len(_PAGE_END) + 1)
+  if buf:
+    yield buf
+
+
+def block_pages(path: str, block: bytes, counts: dict[str, int]
+                ) -> Iterator[tuple[str, str]]:
+  """Worker: (title, wikitext) of a block's articles: no redirects, no talk."""
+  try:
+    pages = ET.fromstring(b'<pages>' + block + b'</pages>')
+  except ET.ParseError as e:
+    raise pieces_lib.read_error(path, e) from e
+  for page in pages:
+    counts['pages'] += 1
+    if page.findtext('{*}ns') == '0' and page.find('{*}redirect') is None:
+      yield (page.findtext('{*}title') or '',
+             page.findtext('{*}revision/{*}text') or '')
+    else:
+      counts['skipped'] += 1
 
 
 def clean_page(title: str, text: str, counts: dict[str, int]) -> str | None:

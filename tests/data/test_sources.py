@@ -53,7 +53,7 @@ def test_dump_keeps_articles_and_caches(tmp_path, monkeypatch):
   # The second read comes from the cache: the dump is not parsed again.
   def no_parse(*args):
     raise AssertionError('the dump was parsed again')
-  monkeypatch.setattr(wiki, 'dump_pages', no_parse)
+  monkeypatch.setattr(wiki, 'page_blocks', no_parse)
   assert list(sources.documents(str(path), cache_dir=str(cache))) == docs
 
 
@@ -105,3 +105,30 @@ def test_fingerprint_follows_the_files(tmp_path):
   path.write_text('Hello, world.\n')
   assert sources.fingerprint(str(path)) != before
   assert sources.fingerprint('demo') == sources.fingerprint('demo')
+
+
+def test_caches_of_the_old_cut_finished_are_read_unfinished_are_redone(
+    tmp_path):
+  body = 'Some [[article]] text. ' * 20
+  xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+         + _page('A', 0, body) + '</mediawiki>')
+  path = tmp_path / 'wiki-pages-articles.xml.bz2'
+  path.write_bytes(bz2.compress(xml.encode()))
+  cache = tmp_path / 'cache'
+  clean = body.replace('[[article]]', 'article').strip()
+  assert list(sources.documents(str(path), cache_dir=str(cache))) == [clean]
+  (text,) = cache.iterdir()
+  assert sorted(os.listdir(text)) == ['done.json', 'part-c2-0000000.jsonl']
+  # An unfinished cache of the first cut (parts cut by page text, named
+  # part-NNNNNNN): its parts are not resumed but redone, then removed.
+  for name in os.listdir(text):
+    os.remove(text / name)
+  (text / 'part-0000000.jsonl').write_text('"stale"\n')
+  assert list(sources.documents(str(path), cache_dir=str(cache))) == [clean]
+  assert sorted(os.listdir(text)) == ['done.json', 'part-c2-0000000.jsonl']
+  # A finished cache of the first cut is still read (its rows are the same).
+  for name in os.listdir(text):
+    os.remove(text / name)
+  (text / 'part-0000000.jsonl').write_text('"kept"\n')
+  (text / 'done.json').write_text('{"pages": 1, "parts": 1}')
+  assert list(sources.documents(str(path), cache_dir=str(cache))) == ['kept']
