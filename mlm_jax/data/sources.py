@@ -148,8 +148,8 @@ def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
   for path in files:
     if wiki.is_dump(path):
       docs = (wiki.clean_page(title, text, counts)
-              for block in wiki.page_blocks(path, size, pos)
-              for title, text in wiki.block_pages(path, block, counts))
+              for piece in wiki.dump_pieces(path, size, pos)
+              for title, text in wiki.piece_pages(piece, counts))
       for chunk in parallel.chunks(filter(None, docs), size):
         yield pieces_lib.Piece('docs', path, chunk)
     elif records.kind(path):
@@ -161,11 +161,10 @@ def _pieces(files: list[str], one_doc_per_file: bool, text_field: str,
 def _items(files: list[str], one_doc_per_file: bool, text_field: str,
            pos: pieces_lib.Position, counts: dict[str, int]
            ) -> Iterator[pieces_lib.Piece]:
-  """Blocks of dump pages ('xml' pieces), the pieces of the other files."""
+  """The 'xml' pieces of dumps, the pieces of the other files."""
   for path in files:
     if wiki.is_dump(path):
-      for block in wiki.page_blocks(path, _CLEAN_CHUNK_CHARS, pos):
-        yield pieces_lib.Piece('xml', path, block)
+      yield from wiki.dump_pieces(path, _CLEAN_CHUNK_CHARS, pos)
     else:
       yield from _pieces([path], one_doc_per_file, text_field,
                          _CLEAN_CHUNK_CHARS, pos, counts)
@@ -182,7 +181,7 @@ def _clean(items: list[pieces_lib.Piece]
       docs += piece_docs
       pieces_lib.add_tally(tally, piece_tally)
       continue
-    for title, text in wiki.block_pages(item.path, item.data, counts):
+    for title, text in wiki.piece_pages(item, counts):
       doc = wiki.clean_page(title, text, counts)
       if doc is not None:
         docs.append(doc)

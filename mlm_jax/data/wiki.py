@@ -10,6 +10,7 @@ in worker processes and caches the result, so the slow parse runs once per
 dump.
 """
 
+import bz2
 from collections.abc import Iterator
 import os
 import re
@@ -19,6 +20,7 @@ from absl import logging
 import mwparserfromhell
 from mwparserfromhell import nodes
 
+from mlm_jax.data import files as files_lib
 from mlm_jax.data import pieces as pieces_lib
 from mlm_jax.data import records
 
@@ -41,6 +43,12 @@ _MAGIC_WORD = re.compile(r'__\w+__')
 # A page's start tag, and its end tag: what the main process cuts a dump at.
 _PAGE = re.compile(rb'<page[\s>]')
 _PAGE_END = b'</page>'
+# A bz2 stream's header: 'BZh', the block size, the first block's magic. A
+# stream starts at a byte boundary; inside compressed data these 10 bytes
+# turn up about once per 2^80 positions.
+_BZ2_STREAM = re.compile(rb'BZh[1-9]1AY&SY')
+_SCAN_BYTES = 1 << 22
+_AHEAD_BYTES = 1 << 16
 
 
 def is_dump(path: str) -> bool:
@@ -137,6 +145,142 @@ def _cut_pages(f, size: int) -> Iterator[bytes]:
     start = max(start, len(buf) - len(_PAGE_END) + 1)
   if buf:
     yield buf
+
+
+def dump_pieces(path: str, size: int, pos: pieces_lib.Position
+                ) -> Iterator[pieces_lib.Piece]:
+  """Main process: a dump as 'xml' pieces of about `size` bytes, for
+  workers to parse (`piece_pages`): spans of whole bz2 streams of a
+  multistream file (the workers decompress), else blocks of whole pages."""
+  if is_multistream(path):
+    for span in stream_spans(path, size, pos):
+      yield pieces_lib.Piece('xml', path, None, span=span)
+  else:
+    for block in page_blocks(path, size, pos):
+      yield pieces_lib.Piece('xml', path, block)
+
+
+def piece_pages(piece: pieces_lib.Piece, counts: dict[str, int]
+                ) -> Iterator[tuple[str, str]]:
+  """Worker: (title, wikitext) of the articles of a `dump_pieces` piece."""
+  if piece.data is None:
+    return span_pages(piece.path, piece.span, counts)
+  return block_pages(piece.path, piece.data, counts)
+
+
+def is_multistream(path: str) -> bool:
+  """Whether `path` is a local bz2 file with several streams in its first
+  MB: Wikimedia's `pages-articles-multistream` dumps (100 pages per stream)
+  and pbzip2's output are; a plain bzip2 file is one stream."""
+  if not path.endswith('.bz2') or files_lib.is_url(path):
+    return False
+  with open(path, 'rb') as f:
+    head = f.read(_SCAN_BYTES)
+  return head.startswith(b'BZh') and len(_BZ2_STREAM.findall(head)) >= 2
+
+
+def stream_spans(path: str, size: int, pos: pieces_lib.Position
+                 ) -> Iterator[tuple[int, int]]:
+  """Main process: byte ranges of whole bz2 streams of a multistream file,
+  `size` or more compressed bytes each (but the last), found by a bytes
+  search for stream headers; nothing is decompressed here."""
+  raw = pos.open(path)
+  with raw:
+    begin = 0
+    for start in _stream_starts(raw):
+      if start - begin >= size:
+        yield begin, start
+        begin = start
+    yield begin, raw.tell()
+  pos.close(path)
+
+
+def _stream_starts(f) -> Iterator[int]:
+  """Offsets of the stream headers of bz2 file `f` after the first."""
+  keep = len(b'BZh91AY&SY') - 1  # a header may straddle two reads
+  buf, offset = f.read(_SCAN_BYTES), 0
+  while True:
+    for m in _BZ2_STREAM.finditer(buf):
+      if offset + m.start() > 0:
+        yield offset + m.start()
+    more = f.read(_SCAN_BYTES)
+    if not more:
+      return
+    offset += len(buf) - keep
+    buf = buf[-keep:] + more
+
+
+def span_pages(path: str, span: tuple[int, int], counts: dict[str, int]
+               ) -> Iterator[tuple[str, str]]:
+  """Worker: the articles whose <page> tag starts in the streams of `span`.
+
+  Reads on into the next streams only while the span's last page is
+  unfinished or a tag is cut by its end: never in Wikimedia's dumps, whose
+  streams hold whole pages; about one stream in a file cut anywhere.
+  """
+  start, end = span
+  try:
+    with files_lib.open_binary(path) as f:
+      f.seek(start)
+      data = _decompress(f.read(end - start))
+      owned = len(data)  # a page is the span's if its tag starts before
+      ahead = _decompressed(f)
+      while _needs_more(data, owned) and (more := next(ahead, None)):
+        data += more
+  except (OSError, EOFError) as e:
+    raise pieces_lib.read_error(path, e) from e
+  starts = [m.start() for m in _PAGE.finditer(data) if m.start() < owned]
+  if starts and data.find(_PAGE_END, starts[-1]) < 0:
+    raise pieces_lib.read_error(path, EOFError('the dump ends inside a page'))
+  # The last span: the dump ends with </mediawiki> (whose start may be in
+  # the span before).
+  tail = data.rstrip()
+  if end == files_lib.size(path) and not (
+      tail.endswith(b'</mediawiki>') or b'</mediawiki>'.endswith(tail)):
+    raise pieces_lib.read_error(path, EOFError(
+        'the dump ends before </mediawiki>'))
+  if starts:
+    close = data.find(_PAGE_END, starts[-1]) + len(_PAGE_END)
+    yield from block_pages(path, data[starts[0]:close], counts)
+
+
+def _needs_more(data: bytes, owned: int) -> bool:
+  """Whether the span's pages need bytes past the end of its streams."""
+  lt = data.rfind(b'<', max(owned - 5, 0), owned)
+  if lt >= 0 and len(data) < lt + 6 and b'<page'.startswith(data[lt:lt + 5]):
+    return True  # '<pa' at the end: maybe a page of ours, cut
+  last = None
+  for m in _PAGE.finditer(data):
+    if m.start() >= owned:
+      break
+    last = m.start()
+  return last is not None and data.find(_PAGE_END, last) < 0
+
+
+def _decompress(data: bytes) -> bytes:
+  """The bytes of whole bz2 streams."""
+  out = []
+  while data:
+    d = bz2.BZ2Decompressor()
+    out.append(d.decompress(data))
+    if not d.eof:
+      raise EOFError('a bz2 stream runs past its span: truncated, or not a '
+                     'stream boundary')
+    data = d.unused_data
+  return b''.join(out)
+
+
+def _decompressed(f) -> Iterator[bytes]:
+  """The decompressed bytes of bz2 file `f` from where it is, stream after
+  stream, a little at a time."""
+  d = bz2.BZ2Decompressor()
+  while chunk := f.read(_AHEAD_BYTES):
+    while chunk:
+      if out := d.decompress(chunk):
+        yield out
+      chunk = b''
+      if d.eof:
+        chunk, d = d.unused_data, bz2.BZ2Decompressor()
 
 
 def block_pages(path: str, block: bytes, counts: dict[str, int]

@@ -19,6 +19,7 @@ from mlm_jax import data
 from mlm_jax.data import builder
 from mlm_jax.data import packing
 from mlm_jax.data import parallel
+from mlm_jax.data import sources
 from mlm_jax.data import tokens
 import greedy_pack
 
@@ -36,13 +37,17 @@ def small_pieces(monkeypatch):
   monkeypatch.setattr(tokens, '_BLOCK_ROWS', 5)
 
 
-def _dump(path, docs):
-  pages = ''.join(f'<page><title>T{i}</title><ns>0</ns><revision><text>'
-                  f"'''{d.split()[0]}''' [[link|{d}]]{{{{cite|x=1}}}}"
-                  f'</text></revision></page>' for i, d in enumerate(docs))
-  path.write_bytes(bz2.compress(
-      ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
-       f'{pages}</mediawiki>').encode()))
+def _dump(path, docs, streams=False):
+  """A dump in one bz2 stream, or (streams) a stream per page: Wikimedia's
+  multistream layout."""
+  pages = [f'<page><title>T{i}</title><ns>0</ns><revision><text>'
+           f"'''{d.split()[0]}''' [[link|{d}]]{{{{cite|x=1}}}}"
+           f'</text></revision></page>' for i, d in enumerate(docs)]
+  parts = ['<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">',
+           *pages, '</mediawiki>']
+  if not streams:
+    parts = [''.join(parts)]
+  path.write_bytes(b''.join(bz2.compress(p.encode()) for p in parts))
 
 
 def _jsonl_gz(path, docs):
@@ -51,9 +56,11 @@ def _jsonl_gz(path, docs):
       f.write(json.dumps({'text': d}) + '\n')
 
 
-@pytest.mark.parametrize('kind', ['text', 'dump', 'jsonl', 'parquet'])
+@pytest.mark.parametrize('kind', ['text', 'dump', 'multistream', 'jsonl',
+                                  'parquet'])
 def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
-                                         make_config, prepared, small_pieces):
+                                         make_config, prepared, small_pieces,
+                                         monkeypatch):
   docs = [d * 4 for d in make_docs(90, seed=5)]  # over MIN_PAGE_CHARS
   if kind == 'text':
     write_docs(tmp_path / 'a.txt', docs[:50])
@@ -68,7 +75,10 @@ def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
     pq.write_table(pa.table({'text': docs}), tmp_path / 'a.parquet')
     source = f'{tmp_path}/a.parquet'
   else:
-    _dump(tmp_path / 'w1-pages-articles.xml.bz2', docs[:50])
+    # Several cleaning tasks per dump: page blocks, or spans of streams.
+    monkeypatch.setattr(sources, '_CLEAN_CHUNK_CHARS', 2000)
+    _dump(tmp_path / 'w1-pages-articles.xml.bz2', docs[:50],
+          streams=kind == 'multistream')
     _dump(tmp_path / 'w2-pages-articles.xml.bz2', docs[50:])
     source = f'{tmp_path}/w*.xml.bz2'
   tok = tmp_path / 'sp.model'
@@ -87,7 +97,6 @@ def test_parallel_rows_equal_serial_rows(tmp_path, kind, make_docs, write_docs,
   shards = [f for f in os.listdir(built[2].info['data_dir'])
             if '.array_record-' in f]
   assert len(shards) > 2, shards
-  from mlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   texts = list(sources.documents(source))
   lowest = min(map(packing.doc_hash, texts))
   train = [prepared.tokenizer.encode(d) for d in texts

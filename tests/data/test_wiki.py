@@ -97,3 +97,72 @@ def test_a_dump_without_pages_warns(tmp_path, caplog):
     assert not list(wiki.page_blocks(str(path), 10, pieces.Position(
         [str(path)])))
   assert 'holds no MediaWiki <page>' in caplog.text
+
+
+def _multistream(data: bytes, cuts) -> bytes:
+  """`data` compressed as one bz2 stream per piece between `cuts`."""
+  bounds = [0, *cuts, len(data)]
+  return b''.join(bz2.compress(data[a:b]) for a, b in zip(bounds, bounds[1:])
+                  if b > a)
+
+
+def _wikimedia_cuts() -> list[int]:
+  """Like Wikimedia's multistream dumps: the header, then two pages per
+  stream, then </mediawiki>."""
+  ends = [DUMP.index(b'<page>')]
+  page_ends = [i + len(b'</page>') for i in range(len(DUMP))
+               if DUMP.startswith(b'</page>', i)]
+  return ends + page_ends[1::2]
+
+
+def _span_pages(path, size):
+  spans = list(wiki.stream_spans(str(path), size, _Pos()))
+  assert spans[0][0] == 0 and spans[-1][1] == path.stat().st_size
+  assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+  counts = wiki.new_counts()
+  pages = [p for s in spans for p in wiki.span_pages(str(path), s, counts)]
+  return spans, pages, counts
+
+
+@pytest.mark.parametrize('size', [1, 150, 1 << 20])
+@pytest.mark.parametrize('cut', ['wikimedia', 5, 37, 200])
+def test_streams_cut_anywhere_give_the_whole_dumps_pages(tmp_path, cut, size):
+  # Streams of whole pages (Wikimedia's), and streams cut every `cut`
+  # bytes (pbzip2's: inside tags, '<pa|ge>', '</pag|e>', text): each page
+  # comes once, from the span where its tag starts.
+  cuts = (_wikimedia_cuts() if cut == 'wikimedia'
+          else range(cut, len(DUMP), cut))
+  path = tmp_path / 'x-pages-articles-multistream.xml.bz2'
+  path.write_bytes(_multistream(DUMP, cuts))
+  assert wiki.is_multistream(str(path))
+  spans, pages, counts = _span_pages(path, size)
+  assert pages == _reference(DUMP)
+  assert counts['pages'] == len(PAGES) and counts['skipped'] == 2
+  if size == 1:
+    assert len(spans) == len(list(cuts)) + 1  # one stream each
+
+
+def test_only_a_local_bz2_of_several_streams_is_multistream(tmp_path):
+  one = tmp_path / 'a-pages-articles.xml.bz2'
+  one.write_bytes(bz2.compress(DUMP))
+  plain = tmp_path / 'b-pages-articles.xml'
+  plain.write_bytes(DUMP)
+  assert not wiki.is_multistream(str(one))
+  assert not wiki.is_multistream(str(plain))
+
+
+@pytest.mark.parametrize('damage', ['no_footer', 'cut_stream', 'cut_page'])
+def test_a_truncated_multistream_dump_is_named(tmp_path, damage):
+  cuts = _wikimedia_cuts()
+  path = tmp_path / 'x-pages-articles-multistream.xml.bz2'
+  data = _multistream(DUMP, cuts)
+  if damage == 'no_footer':  # the last stream (</mediawiki>) is gone
+    data = _multistream(DUMP[:cuts[-1]], cuts[:-1])
+  elif damage == 'cut_stream':
+    data = data[:-20]
+  else:  # a stream boundary inside the last page, and nothing after it
+    data = _multistream(DUMP[:len(DUMP) - 30], cuts)
+  path.write_bytes(data)
+  with pytest.raises(ValueError, match=r'multistream\.xml\.bz2 is corrupt '
+                     'or truncated'):
+    _span_pages(path, 100)
