@@ -44,8 +44,11 @@ from mlm_jax.data import tokenizer as tokenizer_lib
 
 _MB = flags.DEFINE_float('data_mb', 100, 'data: corpus size per format, in MB '
                          'of uncompressed text (XML for the dump).')
-_FORMATS = flags.DEFINE_list('data_formats', ['text', 'xml', 'jsonl',
-                                              'parquet'], 'data: formats.')
+_FORMATS = flags.DEFINE_list(
+    'data_formats', ['text', 'xml', 'jsonl', 'parquet'], 'data: formats: '
+    'text, xml (a pages-articles dump in one bz2 stream), xml-ms (the same '
+    'in streams of 100 pages, as Wikimedia\'s multistream dumps), jsonl, '
+    'parquet.')
 _WORKERS = flags.DEFINE_list('data_workers', ['1', '0'],
                              'data: data.workers of each build (0 = all).')
 _REPEATS = flags.DEFINE_integer(
@@ -126,22 +129,30 @@ def _mark(copy: int, text: str) -> str:
 def make_corpus(fmt: str, size_mb: float, root: str) -> str:
   """Writes the corpus of `fmt` (once; reused if there) and returns its path."""
   size = int(size_mb * 1e6)
-  ext = {'text': 'txt', 'xml': 'xml.bz2', 'jsonl': 'jsonl.gz',
-         'parquet': 'parquet'}[fmt]
+  ext = {'text': 'txt', 'xml': 'xml.bz2', 'xml-ms': 'multistream.xml.bz2',
+         'jsonl': 'jsonl.gz', 'parquet': 'parquet'}[fmt]
   path = os.path.join(root, f'corpus-{size_mb:g}MB.{ext}')
   if os.path.exists(path):
     return path
   os.makedirs(root, exist_ok=True)
   tmp = path + '.tmp'
-  if fmt == 'xml':
+  if fmt in ('xml', 'xml-ms'):
     pages = _copies(_demo_pages(), size, lambda p: len(p[1]) + 200)
-    with bz2.open(tmp, 'wt', encoding='utf-8') as f:
-      f.write('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n')
-      for c, (title, text) in pages:
-        f.write(f'<page><title>{escape(title)} {c}</title><ns>0</ns>'
-                f'<revision><text>{escape(_mark(c, text))}</text></revision>'
-                '</page>\n')
-      f.write('</mediawiki>\n')
+    xml = [f'<page><title>{escape(title)} {c}</title><ns>0</ns>'
+           f'<revision><text>{escape(_mark(c, text))}</text></revision>'
+           '</page>\n' for c, (title, text) in pages]
+    head = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n'
+    if fmt == 'xml':
+      with bz2.open(tmp, 'wt', encoding='utf-8') as f:
+        f.write(head)
+        f.writelines(xml)
+        f.write('</mediawiki>\n')
+    else:  # Wikimedia's multistream layout: a bz2 stream per 100 pages
+      with open(tmp, 'wb') as f:
+        for part in [head, *(''.join(xml[i:i + 100])
+                             for i in range(0, len(xml), 100)),
+                     '</mediawiki>\n']:
+          f.write(bz2.compress(part.encode()))
   else:
     docs = list(sources.documents(sources.DEMO))
     docs = [_mark(c, d) for c, d in _copies(docs, size, len)]
@@ -159,7 +170,7 @@ def make_corpus(fmt: str, size_mb: float, root: str) -> str:
 
 
 def _uncompressed_mb(fmt: str, path: str) -> float:
-  if fmt == 'xml':
+  if fmt in ('xml', 'xml-ms'):
     with bz2.open(path) as f:
       return sum(len(b) for b in iter(lambda: f.read(1 << 24), b'')) / 1e6
   if fmt == 'text':

@@ -9,6 +9,7 @@ import pytest
 
 from mlm_jax import bench_data
 from mlm_jax.data import sources
+from mlm_jax.data import wiki
 
 
 def test_corpus_copies_are_distinct_documents(tmp_path):
@@ -69,3 +70,10 @@ def test_summary_takes_medians_over_repeats_and_the_hosts_ceiling():
   assert ceiling['builds'] == 2  # repeat 1 ran none
   assert ceiling['pair_speedups'] == pytest.approx([2 * 40 / 44, 2 * 44 / 55])
   assert ceiling['ceiling'] == pytest.approx((80 / 44 + 88 / 55) / 2)
+
+
+def test_the_multistream_corpus_holds_the_dumps_pages(tmp_path):
+  one = bench_data.make_corpus('xml', 0.3, str(tmp_path))
+  many = bench_data.make_corpus('xml-ms', 0.3, str(tmp_path))
+  assert not wiki.is_multistream(one) and wiki.is_multistream(many)
+  assert list(sources.documents(many)) == list(sources.documents(one))
