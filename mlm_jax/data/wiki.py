@@ -1,13 +1,14 @@
 """Wikipedia dumps: the articles of a pages-articles XML file, as clean text.
 
-`page_blocks` cuts a dump's stream into blocks of whole <page> elements with
-a bytes search (the main process reads the dump at the speed of its
-decompression); `block_pages` parses a block's pages (articles only: no
-redirects, no talk or user pages), and `clean_wikitext` turns an article's
+The main process only cuts a dump, with bytes searches (`dump_pieces`): a
+dump in one bz2 stream into blocks of whole <page> elements (it reads at the
+speed of bz2), a multistream dump (Wikimedia's `pages-articles-multistream`,
+pbzip2's output) into spans of whole bz2 streams that it does not even
+decompress. In worker processes, `piece_pages` gives a piece's articles (no
+redirects, no talk or user pages) and `clean_wikitext` turns an article's
 wiki markup into paragraphs of plain text, one per line (link text kept;
-templates, references, tables and files dropped). `sources` runs those two
-in worker processes and caches the result, so the slow parse runs once per
-dump.
+templates, references, tables and files dropped). `sources` caches the
+result, so the slow parse runs once per dump.
 """
 
 import bz2
