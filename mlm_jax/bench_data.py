@@ -62,6 +62,9 @@ _SIDE_BY_SIDE = flags.DEFINE_bool(
 _ROOT = flags.DEFINE_string('data_root', '/tmp/mlm_jax_bench_data',
                             'data: corpora and builds go here (kept corpora '
                             'are reused).')
+# Each format's corpus file name ends so.
+_EXTENSIONS = {'text': 'txt', 'xml': 'xml.bz2', 'xml-ms': 'multistream.xml.bz2',
+               'jsonl': 'jsonl.gz', 'parquet': 'parquet'}
 _SEQ_LEN = 128
 _VOCAB = 8192
 _SAMPLE_S = 0.05
@@ -129,8 +132,7 @@ def _mark(copy: int, text: str) -> str:
 def make_corpus(fmt: str, size_mb: float, root: str) -> str:
   """Writes the corpus of `fmt` (once; reused if there) and returns its path."""
   size = int(size_mb * 1e6)
-  ext = {'text': 'txt', 'xml': 'xml.bz2', 'xml-ms': 'multistream.xml.bz2',
-         'jsonl': 'jsonl.gz', 'parquet': 'parquet'}[fmt]
+  ext = _EXTENSIONS[fmt]
   path = os.path.join(root, f'corpus-{size_mb:g}MB.{ext}')
   if os.path.exists(path):
     return path
@@ -334,6 +336,13 @@ def data_bench() -> dict:
   if _REPEATS.value < 1:
     raise ValueError(f'--data_repeats must be at least 1, got '
                      f'{_REPEATS.value}.')
+  unknown = [f for f in _FORMATS.value if f not in _EXTENSIONS]
+  if unknown:
+    raise ValueError(f'Unknown --data_formats {unknown}; choose from '
+                     f'{list(_EXTENSIONS)}.')
+  if not all(w.isdigit() for w in _WORKERS.value):
+    raise ValueError(f'--data_workers takes worker counts (1 = serial, 0 = '
+                     f'every core), got {_WORKERS.value}.')
   root = _ROOT.value
   os.makedirs(root, exist_ok=True)
   tok_path = os.path.join(root, f'sp-demo-{_VOCAB}.model')

@@ -77,3 +77,14 @@ def test_the_multistream_corpus_holds_the_dumps_pages(tmp_path):
   many = bench_data.make_corpus('xml-ms', 0.3, str(tmp_path))
   assert not wiki.is_multistream(one) and wiki.is_multistream(many)
   assert list(sources.documents(many)) == list(sources.documents(one))
+
+
+def test_a_bad_format_fails_before_any_work(tmp_path):
+  run = subprocess.run(
+      [sys.executable, '-m', 'mlm_jax.bench', 'data', '--data_formats=xmlms',
+       f'--data_root={tmp_path / "root"}'],
+      env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True,
+      text=True)
+  assert run.returncode != 0
+  assert "Unknown --data_formats ['xmlms']; choose from" in run.stderr
+  assert not (tmp_path / 'root').exists()  # no tokenizer trained, no corpus

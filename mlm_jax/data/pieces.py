@@ -5,11 +5,12 @@ document, so it only reads bytes and cuts them at document boundaries with
 C-speed searches: text at a blank line, JSON Lines at a newline, Parquet and
 arrow files at a record batch (pyarrow reads those). An uncompressed local
 text file is not even read: the main process seeks to each cut, reads a few
-KB to find its blank line, and a worker reads its piece's byte range itself. The workers decode,
-parse, check and normalize a piece into documents (`expand`). A piece never
-splits a document and its cut depends only on the file's bytes, so the
-documents, and the chunks a killed build resumes from, are the same whatever
-the worker count; with one worker the same functions run in-process.
+KB to find its blank line, and a worker reads its piece's byte range itself.
+The workers decode, parse, check and normalize a piece into documents
+(`expand`). A piece never splits a document and its cut depends only on the
+file's bytes, so the documents, and the chunks a killed build resumes from,
+are the same whatever the worker count; with one worker the same functions
+run in-process.
 """
 
 from collections.abc import Iterable, Iterator
@@ -53,8 +54,8 @@ class Piece:
   first_line: int = 1  # jsonl: the file's line number of the first line
   text_field: str = 'text'
   one_doc: bool = False  # text: the whole file is one document
-  # text with data None: the bytes [start, end) of the file, which the
-  # worker reads.
+  # With data None: the bytes [start, end) of the file, which the worker
+  # reads (text: a range of lines; xml: whole bz2 streams of a dump).
   span: tuple[int, int] | None = None
 
   def size(self) -> int:
