@@ -101,12 +101,14 @@ def read_error(path: str, e: Exception) -> ValueError:
                     'parts already built are kept: the next run resumes.')
 
 
-def _cut(f, size: int, boundary: re.Pattern) -> Iterator[bytes]:
-  """`f`'s bytes in blocks: each ends at the first `boundary` at or past
-  `size` bytes into it (or at the end of `f`).
+def cut(f, size: int, boundary: re.Pattern, lead: bytes = b'\n'
+        ) -> Iterator[bytes]:
+  """`f`'s bytes in blocks: each ends at the first `boundary` that starts at
+  or past `size` bytes into it (or at the end of `f`).
 
-  `boundary` must start and end with a newline and hold none inside, so a
-  search resumes at the last newline already read.
+  Every match of `boundary` starts with the byte `lead` and holds no other
+  `lead` but, maybe, its last byte (a blank line: newline, spaces, newline;
+  `</page>`), so a search resumes at the last `lead` already read.
   """
   buf, start = b'', size
   while more := f.read(size):
@@ -114,14 +116,14 @@ def _cut(f, size: int, boundary: re.Pattern) -> Iterator[bytes]:
     while (m := boundary.search(buf, start)) is not None:
       yield buf[:m.end()]
       buf, start = buf[m.end():], size
-    last = buf.rfind(b'\n', start)
+    last = buf.rfind(lead, start)
     start = max(start, last if last >= 0 else len(buf))
   if buf:
     yield buf
 
 
 def _spans(f, size: int, boundary: re.Pattern) -> Iterator[tuple[int, int]]:
-  """The byte ranges of a seekable `f` that `_cut` would cut it into,
+  """The byte ranges of a seekable `f` that `cut` would cut it into,
   reading only a few KB at each cut."""
   start, end_of_file = 0, f.seek(0, os.SEEK_END)
   while start < end_of_file:
@@ -175,7 +177,7 @@ def text_pieces(path: str, one_doc: bool, size: int, pos) -> Iterator[Piece]:
         for span in spans:
           yield Piece('text', path, None, one_doc=one_doc, span=span)
       else:
-        blocks = [f.read()] if one_doc else _cut(f, size, _BLANK_LINE)
+        blocks = [f.read()] if one_doc else cut(f, size, _BLANK_LINE)
         for block in blocks:
           yield Piece('text', path, block, one_doc=one_doc)
   except (OSError, EOFError) as e:
@@ -188,7 +190,7 @@ def _line_pieces(kind: str, path: str, text_field: str, size: int, pos
   line = 1
   raw = pos.open(path)
   with raw, records.open_binary(path, raw) as f:
-    for block in _cut(f, size, _NEWLINE):
+    for block in cut(f, size, _NEWLINE):
       yield Piece(kind, path, block, first_line=line, text_field=text_field)
       line += block.count(b'\n')
   pos.close(path)

@@ -44,6 +44,7 @@ _MAGIC_WORD = re.compile(r'__\w+__')
 # A page's start tag, and its end tag: what the main process cuts a dump at.
 _PAGE = re.compile(rb'<page[\s>]')
 _PAGE_END = b'</page>'
+_PAGE_END_AT = re.compile(re.escape(_PAGE_END))
 # A bz2 stream's header: 'BZh', the block size, the first block's magic. A
 # stream starts at a byte boundary; inside compressed data these 10 bytes
 # turn up about once per 2^80 positions.
@@ -113,7 +114,7 @@ def page_blocks(path: str, size: int, pos: pieces_lib.Position
   first, blocks, tail = True, 0, b''
   try:
     with raw, records.open_binary(path, raw) as f:
-      for tail in _cut_pages(f, size):
+      for tail in pieces_lib.cut(f, size, _PAGE_END_AT, lead=b'<'):
         if first:  # the header (siteinfo) goes
           first = False
           start = _PAGE.search(tail)
@@ -135,20 +136,6 @@ def page_blocks(path: str, size: int, pos: pieces_lib.Position
     logging.warning('%s holds no MediaWiki <page>: is it a pages-articles '
                     'dump?', path)
   pos.close(path)
-
-
-def _cut_pages(f, size: int) -> Iterator[bytes]:
-  buf, start = b'', size
-  while more := f.read(size):
-    buf += more
-    while (end := buf.find(_PAGE_END, start)) >= 0:
-      end += len(_PAGE_END)
-      yield buf[:end]
-      buf, start = buf[end:], size
-    # A `</page>` may straddle the next read.
-    start = max(start, len(buf) - len(_PAGE_END) + 1)
-  if buf:
-    yield buf
 
 
 def dump_pieces(path: str, size: int, pos: pieces_lib.Position
@@ -174,7 +161,7 @@ def piece_pages(piece: pieces_lib.Piece, counts: dict[str, int]
 
 def is_multistream(path: str) -> bool:
   """Whether `path` is a local bz2 file with several streams in its first
-  MB: Wikimedia's `pages-articles-multistream` dumps (100 pages per stream)
+  4 MB: Wikimedia's `pages-articles-multistream` dumps (100 pages per stream)
   and pbzip2's output are; a plain bzip2 file is one stream."""
   if not path.endswith('.bz2') or files_lib.is_url(path):
     return False
