@@ -51,7 +51,9 @@ setup(
         # which breaks sentencepiece 0.2.3's model proto (used by the HF
         # tokenizer tests); tests/data/test_beam.py makes its own environment.
         # fsspec: test_files serves gs:// from a local directory through it.
-        'test': ['pytest', 'pytest-xdist', 'hypothesis', 'scipy', 'torch==2.13.0',
+        # pytest-timeout: a test that hangs fails with its stack (pytest.ini)
+        # instead of stalling CI until its limit.
+        'test': ['pytest', 'pytest-xdist', 'pytest-timeout', 'hypothesis', 'scipy', 'torch==2.13.0',
                  'fsspec',
                  'transformers==4.57.*', 'nbclient', 'nbformat', 'ipykernel',
                  'psutil'],

@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
@@ -196,9 +197,13 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
   """Runs data.prepare(config) of each config in its own child, all at once;
   each one's seconds, info and peak RSS."""
   import psutil  # pylint: disable=g-import-not-at-top
+  # Output goes to files, not pipes: a child whose log filled a pipe nobody
+  # reads while we poll would block for ever.
+  logs = [(tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+'))
+          for _ in configs]
   children = [subprocess.Popen(
-      [sys.executable, '-c', _CHILD, json.dumps(c)], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env=env) for c in configs]
+      [sys.executable, '-c', _CHILD, json.dumps(c)], stdout=out, stderr=err,
+      env=env) for c, (out, err) in zip(configs, logs)]
   procs = [psutil.Process(c.pid) for c in children]
   ticks = _cpu_ticks()
   peaks = [[0, 0] for _ in children]
@@ -209,7 +214,9 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
         peak[0], peak[1] = max(peak[0], main), max(peak[1], tree)
       time.sleep(_SAMPLE_S)
   finally:
-    outs = [c.communicate() for c in children]
+    for c in children:
+      c.wait()
+    outs = [(_read_back(out), _read_back(err)) for out, err in logs]
   steal = _steal(ticks, _cpu_ticks())
   results = []
   for child, (out, err), (peak_main, peak_tree) in zip(children, outs, peaks):
@@ -221,6 +228,13 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
                   steal=steal)
     results.append(result)
   return results
+
+
+def _read_back(f) -> str:
+  """The whole text of a temporary file, which is then closed (deleted)."""
+  f.seek(0)
+  with f:
+    return f.read()
 
 
 def _cpu_ticks() -> list[int] | None:

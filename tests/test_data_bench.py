@@ -79,6 +79,17 @@ def test_the_multistream_corpus_holds_the_dumps_pages(tmp_path):
   assert list(sources.documents(many)) == list(sources.documents(one))
 
 
+@pytest.mark.timeout(120)
+def test_a_build_that_logs_a_lot_does_not_block(monkeypatch):
+  """A child's log is not a pipe we would have to drain while polling."""
+  monkeypatch.setattr(bench_data, '_CHILD', (
+      'import json, sys\n'
+      'sys.stderr.write("x" * (1 << 20))\n'  # 16 pipe buffers
+      'print("RESULT " + json.dumps(dict(seconds=1.5)))\n'))
+  (result,) = bench_data.builds([{}], dict(os.environ))
+  assert result['seconds'] == 1.5 and result['peak_rss_tree'] >= 0
+
+
 def test_a_bad_format_fails_before_any_work(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'mlm_jax.bench', 'data', '--data_formats=xmlms',

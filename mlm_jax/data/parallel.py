@@ -9,6 +9,7 @@ flat whatever the corpus size. With one worker everything runs in-process.
 
 from collections.abc import Callable, Iterable, Iterator
 import collections
+from concurrent import futures
 import contextlib
 import json
 import multiprocessing
@@ -45,7 +46,13 @@ def _bare_main():
 
 
 class Pool:
-  """`workers` processes (none for 1); `ordered` maps tasks in order."""
+  """`workers` processes (none for 1); `ordered` maps tasks in order.
+
+  A worker that dies (the kernel's OOM killer, a crash in a C library) ends
+  the build with an error naming what to do, never a hang: the pool is
+  concurrent.futures', which notices a lost worker (multiprocessing.Pool
+  would wait for its result forever).
+  """
 
   def __init__(self, workers: int, initializer: Callable | None = None,
                initargs: tuple = ()):
@@ -57,20 +64,21 @@ class Pool:
     if self.workers > 1:
       # spawn, not fork: the trainer's process runs XLA threads, and a
       # forked child of a multithreaded process can deadlock.
+      self._pool = futures.ProcessPoolExecutor(
+          self.workers, multiprocessing.get_context('spawn'),
+          self._initializer, self._initargs)
       with _bare_main():
-        self._pool = multiprocessing.get_context('spawn').Pool(
-            self.workers, self._initializer, self._initargs)
+        # The first task starts every worker, here, under the bare __main__.
+        self._pool.submit(os.getpid)
     elif self._initializer:
       self._initializer(*self._initargs)
     return self
 
   def __exit__(self, *exc):
     if self._pool is not None:
-      if exc[0] is None:
-        self._pool.close()
-      else:
-        self._pool.terminate()
-      self._pool.join()
+      # On an error the tasks not yet started are dropped; the few running
+      # ones (a chunk each) finish first, so their files are whole.
+      self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
   def ordered(self, tasks: Iterable[tuple[Callable, tuple]]) -> Iterator:
     """fn(*args) of each task, in task order, a bounded number in flight."""
@@ -88,14 +96,34 @@ class Pool:
       except Exception:
         # A corrupt shard further on: let the tasks in flight finish, so the
         # work they did is kept for the rerun.
-        for result in in_flight:
-          result.wait()
+        futures.wait(in_flight)
         raise
-      in_flight.append(self._pool.apply_async(fn, args))
+      in_flight.append(self._submit(fn, args))
       if len(in_flight) > 2 * self.workers:
-        yield in_flight.popleft().get()
+        yield _result(in_flight.popleft())
     while in_flight:
-      yield in_flight.popleft().get()
+      yield _result(in_flight.popleft())
+
+  def _submit(self, fn: Callable, args: tuple) -> futures.Future:
+    try:
+      return self._pool.submit(fn, *args)
+    except futures.BrokenExecutor as e:
+      raise _worker_died() from e
+
+
+def _result(future: futures.Future):
+  try:
+    return future.result()
+  except futures.BrokenExecutor as e:
+    raise _worker_died() from e
+
+
+def _worker_died() -> RuntimeError:
+  return RuntimeError(
+      'A data worker process died before finishing its task (killed by the '
+      'system, e.g. its out-of-memory killer: see `dmesg`, or crashed). '
+      'Lower data.workers if memory is short, then run the same command '
+      'again: it resumes from the chunks already finished.')
 
 
 def chunks(items: Iterable, max_size: int,

@@ -188,6 +188,18 @@ def test_ordered_keeps_order_and_bounds_work_in_flight():
   assert got == [i * i for i in range(40)]
 
 
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+  """The OOM killer ending a worker must stop the build with what to do
+  (multiprocessing.Pool would wait for the lost result forever)."""
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match=r'data worker process died.*'
+                     r'Lower data.workers'):
+    with parallel.Pool(2) as pool:
+      # os._exit ends the worker at once, as a SIGKILL would.
+      list(pool.ordered([(pow, (2, 3)), (os._exit, (3,)), (pow, (3, 2))]))
+  assert time.monotonic() - start < 60
+
+
 def test_progress_logs_documents_mb_tokens_and_eta(tmp_path, corpus, prepared,
                                                    make_config, monkeypatch,
                                                    caplog, small_pieces):
