@@ -30,7 +30,7 @@ def test_bench_data_reports_every_format_and_worker_count(tmp_path):
       [sys.executable, '-m', 'mlm_jax.bench', 'data', '--data_mb=0.3',
        '--data_workers=1,2', f'--data_root={tmp_path}', f'--json={out}'],
       env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True,
-      text=True, check=True)
+      text=True, check=True, timeout=900)
   result = json.loads(out.read_text())
   runs = {(r['format'], r['workers']): r for r in result['runs']}
   assert set(runs) == {(f, w) for f in ('text', 'xml', 'jsonl', 'parquet')

@@ -262,18 +262,18 @@ def test_killed_build_resumes_from_its_finished_chunks(tmp_path, make_docs,
     time.sleep(0.01)
   assert len(found) >= 5 and child.poll() is None, 'it ended before the kill'
   os.killpg(child.pid, signal.SIGKILL)  # the build and its workers, at once
-  child.communicate()
+  child.communicate(timeout=60)
   work = os.path.dirname(found[0])
   kept = [f for f in os.listdir(work) if f.endswith('.npz') and '.tmp' not in f]
   assert not [f for _, _, fs in os.walk(tmp_path / 'd') for f in fs
               if f == 'dataset_info.json']  # nothing looks finished
-  out, err = build('d').communicate()
+  out, err = build('d').communicate(timeout=300)
   # The rerun read the finished chunks back instead of tokenizing them again,
   # removed them once the dataset was complete...
   assert f'({len(kept)} kept from an earlier run)' in err, err[-2000:]
   assert not os.path.exists(work)
   # ...and made the rows of a build that was never killed.
-  clean, _ = build('clean').communicate()
+  clean, _ = build('clean').communicate(timeout=300)
   assert 'ROWS ' in out and out.split()[-1] == clean.split()[-1]
 
 
