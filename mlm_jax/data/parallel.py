@@ -34,15 +34,30 @@ def resolve_workers(workers: int) -> int:
 
 @contextlib.contextmanager
 def _bare_main():
-  # spawn re-imports the parent's __main__ in every worker: under
-  # `python -m mlm_jax.main` that is jax, flax and the trainer (seconds and
-  # hundreds of MB each). The workers need only the function they run.
   main = sys.modules['__main__']
   sys.modules['__main__'] = types.ModuleType('__main__')
   try:
     yield
   finally:
     sys.modules['__main__'] = main
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+  """A spawned worker that does not import the parent's __main__.
+
+  spawn re-imports the parent's __main__ in every worker: under `python -m
+  mlm_jax.main` that is jax, flax and the trainer (seconds and hundreds of
+  MB each). The workers need only the function they run. The pool starts
+  workers as tasks come, so each start is wrapped, not the pool's creation.
+  """
+
+  def start(self):
+    with _bare_main():
+      super().start()
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+  Process = _WorkerProcess
 
 
 class Pool:
@@ -65,11 +80,7 @@ class Pool:
       # spawn, not fork: the trainer's process runs XLA threads, and a
       # forked child of a multithreaded process can deadlock.
       self._pool = futures.ProcessPoolExecutor(
-          self.workers, multiprocessing.get_context('spawn'),
-          self._initializer, self._initargs)
-      with _bare_main():
-        # The first task starts every worker, here, under the bare __main__.
-        self._pool.submit(os.getpid)
+          self.workers, _SpawnContext(), self._initializer, self._initargs)
     elif self._initializer:
       self._initializer(*self._initargs)
     return self

@@ -188,6 +188,34 @@ def test_ordered_keeps_order_and_bounds_work_in_flight():
   assert got == [i * i for i in range(40)]
 
 
+_MAIN = """
+import os, sys
+with open(sys.argv[1], 'a') as f:  # once per process that imports this
+  f.write(f'{os.getpid()}\\n')
+from mlm_jax.data import parallel
+import slow
+if __name__ == '__main__':
+  with parallel.Pool(2) as pool:
+    print(len(set(pool.ordered([(slow.pid, ())] * 6))))
+"""
+
+
+def test_workers_do_not_import_the_parents_main(tmp_path):
+  """Under `python -m mlm_jax.main` that would be jax and the trainer, in
+  every worker, also in those the pool starts after the first task."""
+  (tmp_path / 'main.py').write_text(_MAIN)
+  (tmp_path / 'slow.py').write_text(
+      'import os, time\ndef pid():\n  time.sleep(0.3)\n  return os.getpid()\n')
+  log = tmp_path / 'imports.log'
+  out = subprocess.run(
+      [sys.executable, str(tmp_path / 'main.py'), str(log)],
+      env=dict(os.environ, PYTHONPATH=f'{os.getcwd()}:{tmp_path}'),
+      capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['2']  # both workers ran tasks
+  assert len(log.read_text().split()) == 1  # the parent alone
+
+
 def test_a_worker_that_dies_is_an_error_not_a_hang():
   """The OOM killer ending a worker must stop the build with what to do
   (multiprocessing.Pool would wait for the lost result forever)."""
