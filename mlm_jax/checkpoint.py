@@ -37,7 +37,9 @@ import json
 import logging as std_logging
 import os
 import shutil
+import sys
 import time
+import traceback
 
 from absl import logging
 import jax
@@ -89,12 +91,45 @@ def _not_a_dropped_orbax_task(record) -> bool:
               '/orbax/' in record.getMessage())
 
 
+def _a_late_write_callback(unraisable) -> bool:
+  """Whether an unraisable error is a write's completion arriving at the
+  closed event loop of a failed save: the first error (e.g. a full disk)
+  ends Orbax's loop while tensorstore's other writes still run, and each
+  one's callback, called from a C++ thread, fails in call_soon_threadsafe
+  and prints a traceback (348 in one test, interleaved). The save's error
+  itself is raised by `check`, `save` or `finish`."""
+  if (unraisable.object is not None or
+      unraisable.exc_type is not RuntimeError or
+      str(unraisable.exc_value) != 'Event loop is closed'):
+    return False
+  frames = [f for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+  if not frames:
+    return False
+  # Called from outside Python straight into asyncio's thread-safe call.
+  code = frames[0].f_code
+  return (code.co_name == 'call_soon_threadsafe' and
+          os.path.basename(os.path.dirname(code.co_filename)) == 'asyncio')
+
+
+class _QuietLateWriteCallbacks:
+  """sys.unraisablehook without `_a_late_write_callback`s."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    if not _a_late_write_callback(unraisable):
+      self.previous(unraisable)
+
+
 def manager(directory: str, keep: int,
             async_save: bool) -> ocp.CheckpointManager:
   """The manager of the checkpoints in DIRECTORY (made if missing)."""
   asyncio_logger = std_logging.getLogger('asyncio')
   if _not_a_dropped_orbax_task not in asyncio_logger.filters:
     asyncio_logger.addFilter(_not_a_dropped_orbax_task)
+  if not isinstance(sys.unraisablehook, _QuietLateWriteCallbacks):
+    sys.unraisablehook = _QuietLateWriteCallbacks(sys.unraisablehook)
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       enable_async_checkpointing=async_save,

@@ -119,6 +119,8 @@ def small_disk(tmp_path):
   subprocess.run(['umount', str(mount)], check=False)
 
 
+# The failed save's hundreds of late write callbacks print nothing.
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 def test_a_full_disk_during_a_save_surfaces_and_keeps_earlier_checkpoints(
     trained, small_disk, data_dir):
   workdir = os.path.join(small_disk, 'run')
