@@ -6,7 +6,10 @@ setup(
     description='BERT-style masked language model pretraining in JAX/Flax.',
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.10',
+    # 3.11: a data worker that dies mid-task hangs 3.10's process pool when
+    # tasks are larger than a pipe's buffer (CPython gh-94777); 3.10 is past
+    # its end of life (October 2026).
+    python_requires='>=3.11',
     packages=find_packages(include=['mlm_jax', 'mlm_jax.*', 'configs']),
     install_requires=[
         'absl-py',

@@ -23,11 +23,13 @@ processes gain on this host, the most a parallel build could.
 """
 
 import bz2
+import contextlib
 import gzip
 import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -201,9 +203,11 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
   # reads while we poll would block for ever.
   logs = [(tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+'))
           for _ in configs]
+  # Each build in a session of its own, so an interrupted bench ends it and
+  # its workers at once.
   children = [subprocess.Popen(
       [sys.executable, '-c', _CHILD, json.dumps(c)], stdout=out, stderr=err,
-      env=env) for c, (out, err) in zip(configs, logs)]
+      env=env, start_new_session=True) for c, (out, err) in zip(configs, logs)]
   procs = [psutil.Process(c.pid) for c in children]
   ticks = _cpu_ticks()
   peaks = [[0, 0] for _ in children]
@@ -213,6 +217,11 @@ def builds(configs: list[dict], env: dict) -> list[dict]:
         main, tree = _tree_rss(proc)
         peak[0], peak[1] = max(peak[0], main), max(peak[1], tree)
       time.sleep(_SAMPLE_S)
+  except BaseException:
+    for c in children:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(c.pid, signal.SIGKILL)
+    raise
   finally:
     for c in children:
       c.wait()

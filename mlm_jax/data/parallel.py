@@ -87,8 +87,9 @@ class Pool:
 
   def __exit__(self, *exc):
     if self._pool is not None:
-      # On an error the tasks not yet started are dropped; the few running
-      # ones (a chunk each) finish first, so their files are whole.
+      # On an error the tasks not yet handed to a worker are dropped; those
+      # handed over (one a worker and one more, a chunk each) finish first,
+      # so their files are whole.
       self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
   def ordered(self, tasks: Iterable[tuple[Callable, tuple]]) -> Iterator:
@@ -119,22 +120,23 @@ class Pool:
     try:
       return self._pool.submit(fn, *args)
     except futures.BrokenExecutor as e:
-      raise _worker_died() from e
+      raise _worker_died(e) from e
 
 
 def _result(future: futures.Future):
   try:
     return future.result()
   except futures.BrokenExecutor as e:
-    raise _worker_died() from e
+    raise _worker_died(e) from e
 
 
-def _worker_died() -> RuntimeError:
+def _worker_died(e: futures.BrokenExecutor) -> RuntimeError:
   return RuntimeError(
-      'A data worker process died before finishing its task (killed by the '
-      'system, e.g. its out-of-memory killer: see `dmesg`, or crashed). '
-      'Lower data.workers if memory is short, then run the same command '
-      'again: it resumes from the chunks already finished.')
+      f'A data worker process died before finishing its task ({e}). Killed '
+      'by the system, e.g. its out-of-memory killer (see `dmesg`), or an '
+      'error at its start (logged above)? Lower data.workers if memory is '
+      'short, then run the same command again: it resumes from the chunks '
+      'already finished.')
 
 
 def chunks(items: Iterable, max_size: int,

@@ -59,7 +59,7 @@ def _beam_env() -> str:
     f.write('import site; ' + '; '.join(
         f'site.addsitedir({p!r})' for p in parents) + '\n')
   subprocess.run([python, '-m', 'pip', 'install', '--quiet', BEAM],
-                 check=True, timeout=600)
+                 check=True, timeout=1200)
   with open(ready, 'w') as f:
     f.write(BEAM + '\n')
   return python
@@ -71,6 +71,7 @@ def _rows(source):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2600)  # a first run installs Beam (up to 1200 s)
 def test_beam_rows_equal_local_rows(tmp_path, make_docs, write_docs,
                                     make_config, prepared):
   if not _has_beam():
@@ -79,7 +80,7 @@ def test_beam_rows_equal_local_rows(tmp_path, make_docs, write_docs,
         [_beam_env(), '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
          f'{__file__}::test_beam_rows_equal_local_rows'],
         cwd=ROOT, env=dict(os.environ, **{_IN_BEAM_ENV: '1'}),
-        capture_output=True, text=True, timeout=540, check=False)
+        capture_output=True, text=True, timeout=1200, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert '1 passed' in out.stdout, out.stdout[-2000:]
     return

@@ -196,7 +196,7 @@ from mlm_jax.data import parallel
 import slow
 if __name__ == '__main__':
   with parallel.Pool(2) as pool:
-    print(len(set(pool.ordered([(slow.pid, ())] * 6))))
+    print(len(set(pool.ordered([(slow.pid, ())] * 12))))
 """
 
 
@@ -205,7 +205,8 @@ def test_workers_do_not_import_the_parents_main(tmp_path):
   every worker, also in those the pool starts after the first task."""
   (tmp_path / 'main.py').write_text(_MAIN)
   (tmp_path / 'slow.py').write_text(
-      'import os, time\ndef pid():\n  time.sleep(0.3)\n  return os.getpid()\n')
+      # 12 x 0.5 s: the second worker has seconds to start and take tasks.
+      'import os, time\ndef pid():\n  time.sleep(0.5)\n  return os.getpid()\n')
   log = tmp_path / 'imports.log'
   out = subprocess.run(
       [sys.executable, str(tmp_path / 'main.py'), str(log)],
@@ -220,11 +221,15 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
   """The OOM killer ending a worker must stop the build with what to do
   (multiprocessing.Pool would wait for the lost result forever)."""
   start = time.monotonic()
+  # Tasks of 1 MiB, as a build's chunks are: more than a pipe holds, so one
+  # is part-way into a worker's pipe when the worker dies.
+  chunk = b'x' * (1 << 20)
+  tasks = [(len, (chunk,))] * 6 + [(os._exit, (3,))] + [(len, (chunk,))] * 12
   with pytest.raises(RuntimeError, match=r'data worker process died.*'
                      r'Lower data.workers'):
     with parallel.Pool(2) as pool:
       # os._exit ends the worker at once, as a SIGKILL would.
-      list(pool.ordered([(pow, (2, 3)), (os._exit, (3,)), (pow, (3, 2))]))
+      list(pool.ordered(tasks))
   assert time.monotonic() - start < 60
 
 
