@@ -10,7 +10,6 @@ flat whatever the corpus size. With one worker everything runs in-process.
 from collections.abc import Callable, Iterable, Iterator
 import collections
 from concurrent import futures
-import contextlib
 import json
 import multiprocessing
 import os
@@ -32,16 +31,6 @@ def resolve_workers(workers: int) -> int:
   return workers or len(os.sched_getaffinity(0))
 
 
-@contextlib.contextmanager
-def _bare_main():
-  main = sys.modules['__main__']
-  sys.modules['__main__'] = types.ModuleType('__main__')
-  try:
-    yield
-  finally:
-    sys.modules['__main__'] = main
-
-
 class _WorkerProcess(multiprocessing.context.SpawnProcess):
   """A spawned worker that does not import the parent's __main__.
 
@@ -52,8 +41,12 @@ class _WorkerProcess(multiprocessing.context.SpawnProcess):
   """
 
   def start(self):
-    with _bare_main():
+    main = sys.modules['__main__']
+    sys.modules['__main__'] = types.ModuleType('__main__')
+    try:
       super().start()
+    finally:
+      sys.modules['__main__'] = main
 
 
 class _SpawnContext(multiprocessing.context.SpawnContext):
@@ -100,43 +93,29 @@ class Pool:
       return
     in_flight = collections.deque()
     tasks = iter(tasks)
-    while True:
-      try:
-        fn, args = next(tasks)
-      except StopIteration:
-        break
-      except Exception:
-        # A corrupt shard further on: let the tasks in flight finish, so the
-        # work they did is kept for the rerun.
-        futures.wait(in_flight)
-        raise
-      in_flight.append(self._submit(fn, args))
-      if len(in_flight) > 2 * self.workers:
-        yield _result(in_flight.popleft())
-    while in_flight:
-      yield _result(in_flight.popleft())
-
-  def _submit(self, fn: Callable, args: tuple) -> futures.Future:
     try:
-      return self._pool.submit(fn, *args)
+      while True:
+        try:
+          fn, args = next(tasks)
+        except StopIteration:
+          break
+        except Exception:
+          # A corrupt shard further on: let the tasks in flight finish, so
+          # the work they did is kept for the rerun.
+          futures.wait(in_flight)
+          raise
+        in_flight.append(self._pool.submit(fn, *args))
+        if len(in_flight) > 2 * self.workers:
+          yield in_flight.popleft().result()
+      while in_flight:
+        yield in_flight.popleft().result()
     except futures.BrokenExecutor as e:
-      raise _worker_died(e) from e
-
-
-def _result(future: futures.Future):
-  try:
-    return future.result()
-  except futures.BrokenExecutor as e:
-    raise _worker_died(e) from e
-
-
-def _worker_died(e: futures.BrokenExecutor) -> RuntimeError:
-  return RuntimeError(
-      f'A data worker process died before finishing its task ({e}). Killed '
-      'by the system, e.g. its out-of-memory killer (see `dmesg`), or an '
-      'error at its start (logged above)? Lower data.workers if memory is '
-      'short, then run the same command again: it resumes from the chunks '
-      'already finished.')
+      raise RuntimeError(
+          f'A data worker process died before finishing its task ({e}). '
+          'Killed by the system, e.g. its out-of-memory killer (see '
+          '`dmesg`), or an error at its start (logged above)? Lower '
+          'data.workers if memory is short, then run the same command '
+          'again: it resumes from the chunks already finished.') from e
 
 
 def chunks(items: Iterable, max_size: int,
